@@ -1,0 +1,336 @@
+"""Building blocks the lectures describe, written once and shared by every plugin."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "conv_out_size",
+    "receptive_field",
+    "get_act_layer",
+    "get_norm_layer",
+    "ConvNormAct",
+    "SpatiallySeparableConv",
+    "DepthwiseSeparableConv",
+    "grouped_conv",
+    "bilinear_kernel",
+    "BilinearUpsample",
+    "DepthwisePool",
+    "GlobalAvgPool",
+    "NearestUnpool",
+    "BedOfNailsUnpool",
+    "MaxUnpool",
+    "LocalResponseNorm",
+    "SqueezeExcite",
+    "DropPath",
+    "make_divisible",
+]
+
+
+def conv_out_size(size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1) -> int:
+    """Output size of a convolution or pooling: (W - F + 2P)/S + 1, with F the dilated kernel extent."""
+    extent = dilation * (kernel - 1) + 1
+    return (size - extent + 2 * padding) // stride + 1
+
+
+def receptive_field(layers: Sequence[tuple[int, int, int]]) -> int:
+    """Receptive field of stacked layers given as (kernel, stride, dilation), input side first."""
+    rf, jump = 1, 1
+    for kernel, stride, dilation in layers:
+        rf += dilation * (kernel - 1) * jump
+        jump *= stride
+    return rf
+
+
+_ACTS: dict[str, Callable[..., nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "relu6": lambda: nn.ReLU6(inplace=True),
+    "silu": lambda: nn.SiLU(inplace=True),
+    "swish": lambda: nn.SiLU(inplace=True),
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "hardswish": lambda: nn.Hardswish(inplace=True),
+    "identity": nn.Identity,
+}
+
+
+def get_act_layer(name: str | Callable[..., nn.Module] | None) -> Callable[..., nn.Module]:
+    """An activation constructor from its name (so that YAML can name it) or as given."""
+    if name is None:
+        return nn.Identity
+    if callable(name):
+        return name
+    try:
+        return _ACTS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(_ACTS)}") from None
+
+
+def get_norm_layer(name: str | Callable[..., nn.Module] | None) -> Callable[[int], nn.Module]:
+    """A normalisation constructor taking the channel count, from its name or as given."""
+    if name is None:
+        return lambda c: nn.Identity()
+    if callable(name):
+        return name
+    table: dict[str, Callable[[int], nn.Module]] = {
+        "bn": nn.BatchNorm2d,
+        "batchnorm": nn.BatchNorm2d,
+        "gn": lambda c: nn.GroupNorm(32 if c % 32 == 0 else 1, c),
+        "ln": lambda c: nn.GroupNorm(1, c),
+        "none": lambda c: nn.Identity(),
+    }
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown norm layer {name!r}; choose one of {sorted(table)}") from None
+
+
+class ConvNormAct(nn.Sequential):
+    """Convolution, normalisation, activation; padding keeps 'same' size at stride 1 (dilation aware).
+
+    Children are named ``conv``, ``bn``, ``act`` so state_dict keys read like the papers' nets.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int] = 3,
+        stride: int = 1,
+        padding: int | tuple[int, int] | None = None,
+        dilation: int = 1,
+        groups: int = 1,
+        norm: str | Callable[[int], nn.Module] | None = "bn",
+        act: str | Callable[..., nn.Module] | None = "relu",
+        bias: bool | None = None,
+    ) -> None:
+        k = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
+        if padding is None:
+            padding = tuple(dilation * (kk - 1) // 2 for kk in k)
+        use_bias = norm is None if bias is None else bias
+        layers: list[tuple[str, nn.Module]] = [
+            ("conv", nn.Conv2d(in_channels, out_channels, k, stride, padding, dilation, groups, bias=use_bias))
+        ]
+        if norm is not None:
+            layers.append(("bn", get_norm_layer(norm)(out_channels)))
+        if act is not None:
+            layers.append(("act", get_act_layer(act)()))
+        super().__init__(dict(layers))  # type: ignore[arg-type]
+        self.out_channels = out_channels
+
+
+class SpatiallySeparableConv(nn.Sequential):
+    """A k x k convolution factorised into k x 1 then 1 x k (Inception-v3's factorisation)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, mid_channels: int | None = None,
+                 norm: str | None = "bn", act: str | None = "relu") -> None:
+        mid = mid_channels or out_channels
+        p = kernel_size // 2
+        super().__init__(
+            ConvNormAct(in_channels, mid, (kernel_size, 1), padding=(p, 0), norm=norm, act=act),
+            ConvNormAct(mid, out_channels, (1, kernel_size), padding=(0, p), norm=norm, act=act),
+        )
+
+
+class DepthwiseSeparableConv(nn.Module):
+    """Depthwise k x k convolution (one filter per channel) followed by a pointwise 1 x 1 one.
+
+    Parameters: k²C + CM against k²CM for the full convolution (biases aside).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        norm: str | None = "bn",
+        act: str | None = "relu",
+        act_between: bool = True,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        pad = dilation * (kernel_size - 1) // 2
+        self.depthwise = nn.Conv2d(in_channels, in_channels, kernel_size, stride, pad, dilation,
+                                   groups=in_channels, bias=bias)
+        self.bn_dw = get_norm_layer(norm)(in_channels) if act_between else nn.Identity()
+        self.act_dw = get_act_layer(act)() if act_between else nn.Identity()
+        self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+        self.bn_pw = get_norm_layer(norm)(out_channels)
+        self.act_pw = get_act_layer(act)()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act_dw(self.bn_dw(self.depthwise(x)))
+        return self.act_pw(self.bn_pw(self.pointwise(x)))
+
+
+def grouped_conv(in_channels: int, out_channels: int, kernel_size: int, groups: int, stride: int = 1,
+                 dilation: int = 1, bias: bool = False) -> nn.Conv2d:
+    """A grouped convolution (ResNeXt's cardinality): k²CM/g weights instead of k²CM."""
+    if in_channels % groups or out_channels % groups:
+        raise ValueError(f"channels {in_channels}->{out_channels} are not divisible by groups={groups}")
+    pad = dilation * (kernel_size - 1) // 2
+    return nn.Conv2d(in_channels, out_channels, kernel_size, stride, pad, dilation, groups=groups, bias=bias)
+
+
+def bilinear_kernel(channels: int, kernel_size: int) -> Tensor:
+    """Weights that make a per-channel transposed convolution a bilinear interpolation (FCN's init)."""
+    factor = (kernel_size + 1) // 2
+    center = factor - 1 if kernel_size % 2 == 1 else factor - 0.5
+    og = torch.arange(kernel_size, dtype=torch.float32)
+    filt1d = 1 - (og - center).abs() / factor
+    filt = filt1d[:, None] * filt1d[None, :]
+    weight = torch.zeros(channels, channels, kernel_size, kernel_size)
+    weight[range(channels), range(channels)] = filt
+    return weight
+
+
+class BilinearUpsample(nn.ConvTranspose2d):
+    """A learnable transposed convolution initialised to bilinear upsampling by ``factor``."""
+
+    def __init__(self, channels: int, factor: int, learnable: bool = True) -> None:
+        kernel = 2 * factor - factor % 2
+        super().__init__(channels, channels, kernel, stride=factor, padding=0, bias=False)
+        with torch.no_grad():
+            self.weight.copy_(bilinear_kernel(channels, kernel))
+        self.weight.requires_grad_(learnable)
+        self.factor = factor
+
+
+class DepthwisePool(nn.Module):
+    """Pooling across channels (max or average over groups of ``k`` neighbouring channels)."""
+
+    def __init__(self, k: int, mode: str = "max") -> None:
+        super().__init__()
+        if mode not in ("max", "avg"):
+            raise ValueError(f"DepthwisePool mode must be 'max' or 'avg', got {mode!r}")
+        self.k, self.mode = k, mode
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        if c % self.k:
+            raise ValueError(f"DepthwisePool(k={self.k}) needs channels divisible by k, got {c}")
+        x = x.view(b, c // self.k, self.k, h, w)
+        return x.amax(dim=2) if self.mode == "max" else x.mean(dim=2)
+
+
+class GlobalAvgPool(nn.Module):
+    """Average over all spatial positions: (B, C, H, W) -> (B, C) (or (B, C, 1, 1) with keepdim)."""
+
+    def __init__(self, keepdim: bool = False) -> None:
+        super().__init__()
+        self.keepdim = keepdim
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(2, 3), keepdim=self.keepdim)
+
+
+class NearestUnpool(nn.Module):
+    """Unpooling by nearest neighbour: every value copied into its s x s block."""
+
+    def __init__(self, scale: int = 2) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.repeat_interleave(self.scale, dim=2).repeat_interleave(self.scale, dim=3)
+
+
+class BedOfNailsUnpool(nn.Module):
+    """Unpooling by 'bed of nails': each value at the top-left of its s x s block, zeros elsewhere."""
+
+    def __init__(self, scale: int = 2) -> None:
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        out = x.new_zeros(b, c, h * self.scale, w * self.scale)
+        out[:, :, :: self.scale, :: self.scale] = x
+        return out
+
+
+class MaxUnpool(nn.Module):
+    """Max unpooling: values go back to the positions the matching max pooling took them from."""
+
+    def __init__(self, kernel_size: int = 2, stride: int | None = None) -> None:
+        super().__init__()
+        self.unpool = nn.MaxUnpool2d(kernel_size, stride or kernel_size)
+
+    def forward(self, x: Tensor, indices: Tensor, output_size: Sequence[int] | None = None) -> Tensor:
+        return self.unpool(x, indices, output_size=output_size)
+
+
+class LocalResponseNorm(nn.Module):
+    """AlexNet's local response normalisation across channels.
+
+    b_i = a_i / (k + alpha * sum_{j in [i-r, i+r]} a_j^2) ^ beta, with r the depth radius. Note the
+    paper's alpha multiplies the plain sum (torch.nn.LocalResponseNorm divides alpha by the window).
+    """
+
+    def __init__(self, radius: int = 2, alpha: float = 1e-4, beta: float = 0.75, k: float = 2.0) -> None:
+        super().__init__()
+        self.radius, self.alpha, self.beta, self.k = radius, alpha, beta, k
+
+    def forward(self, x: Tensor) -> Tensor:
+        sq = x.pow(2).unsqueeze(1)  # (B, 1, C, H, W) so the window slides over channels
+        sq = F.pad(sq, (0, 0, 0, 0, self.radius, self.radius))
+        window = 2 * self.radius + 1
+        summed = F.avg_pool3d(sq, (window, 1, 1), stride=1).squeeze(1) * window
+        return x / (self.k + self.alpha * summed).pow(self.beta)
+
+    def extra_repr(self) -> str:
+        return f"radius={self.radius}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: int | None = None) -> int:
+    """Round channels to a multiple of ``divisor`` without going below 90% (MobileNet's rule)."""
+    min_value = min_value or divisor
+    new = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    if new < 0.9 * value:
+        new += divisor
+    return new
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: channel weights from globally pooled features (Hu et al., 2018).
+
+    Children ``fc1``/``fc2`` are 1x1 convolutions (a linear layer on the pooled vector).
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, rd_channels: int | None = None,
+                 act: str | Callable[..., nn.Module] = "relu", gate: str | Callable[..., nn.Module] = "sigmoid") -> None:
+        super().__init__()
+        rd = rd_channels or max(1, channels // reduction)
+        self.fc1 = nn.Conv2d(channels, rd, 1)
+        self.act = get_act_layer(act)()
+        self.fc2 = nn.Conv2d(rd, channels, 1)
+        self.gate = get_act_layer(gate)()
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = x.mean(dim=(2, 3), keepdim=True)
+        return x * self.gate(self.fc2(self.act(self.fc1(s))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a residual branch per sample with probability ``p`` while training."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

@@ -1,0 +1,195 @@
+"""The backbone registry: names to builders, filled by plugins found through entry points."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import threading
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, Callable, TypeVar
+
+__all__ = [
+    "BackboneEntry",
+    "UnknownBackboneError",
+    "PluginLoadError",
+    "register_backbone",
+    "create_backbone",
+    "get_backbone_entry",
+    "list_backbones",
+    "load_plugins",
+]
+
+PLUGIN_GROUP = "cvtasks.plugins"
+
+T = TypeVar("T", bound=Callable[..., Any])
+
+
+class UnknownBackboneError(KeyError):
+    """Raised for a backbone name that no plugin registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class PluginLoadError(ImportError):
+    """Raised when a plugin module found through an entry point fails to import."""
+
+
+@dataclass(frozen=True)
+class BackboneEntry:
+    """What the registry knows of one backbone: how to build it and where it comes from."""
+
+    name: str
+    builder: Callable[..., Any]
+    family: str = ""
+    paper: str = ""
+    reference: str = ""
+    input_size: int = 224
+    min_input_size: int = 32
+    defaults: dict[str, Any] = field(default_factory=dict)
+    module: str = ""
+
+    def build(self, **kwargs: Any) -> Any:
+        """Build the backbone with the entry's defaults overridden by ``kwargs``.
+
+        ``pretrained`` (a local file holding the reference's state_dict) is loaded here, after
+        the build, so that plugins need not handle it themselves.
+        """
+        pretrained = kwargs.pop("pretrained", None)
+        model = self.builder(**{**self.defaults, **kwargs})
+        if pretrained:
+            model.load_pretrained(pretrained)
+        return model
+
+
+_REGISTRY: dict[str, BackboneEntry] = {}
+_LOADED = False
+_LOCK = threading.RLock()
+
+
+def _origin(obj: Any) -> tuple[str, str]:
+    return getattr(obj, "__module__", ""), getattr(obj, "__qualname__", repr(obj))
+
+
+def register_backbone(
+    name: str,
+    *,
+    family: str = "",
+    paper: str = "",
+    reference: str = "",
+    input_size: int = 224,
+    min_input_size: int = 32,
+    **defaults: Any,
+) -> Callable[[T], T]:
+    """Register a backbone class or factory under ``name`` (a decorator; extra keywords become defaults).
+
+    A second registration under a taken name is an error, unless it is the very same
+    builder being imported again (a module reloaded under the same name).
+    """
+    if not name or not isinstance(name, str):
+        raise ValueError(f"register_backbone needs a non-empty name, got {name!r}")
+
+    def decorator(obj: T) -> T:
+        entry = BackboneEntry(
+            name=name,
+            builder=obj,
+            family=family,
+            paper=paper,
+            reference=reference,
+            input_size=input_size,
+            min_input_size=min_input_size,
+            defaults=dict(defaults),
+            module=getattr(obj, "__module__", ""),
+        )
+        with _LOCK:
+            taken = _REGISTRY.get(name)
+            if taken is not None and (
+                _origin(taken.builder) != _origin(obj) or taken.defaults != entry.defaults
+            ):
+                raise ValueError(
+                    f"backbone name {name!r} is already registered by "
+                    f"{taken.module}.{_origin(taken.builder)[1]}; choose another name for "
+                    f"{entry.module}.{_origin(obj)[1]}"
+                )
+            _REGISTRY[name] = entry
+        return obj
+
+    return decorator
+
+
+def load_plugins() -> None:
+    """Import every plugin module declared in the ``cvtasks.plugins`` entry-point group (once)."""
+    global _LOADED
+    with _LOCK:
+        if _LOADED:
+            return
+        _LOADED = True  # set first: a plugin that looks up the registry while importing must not recurse
+        for ep in entry_points(group=PLUGIN_GROUP):
+            try:
+                ep.load()
+            except Exception as exc:  # a broken third-party plugin must say which one it is
+                raise PluginLoadError(
+                    f"cvtasks plugin {ep.name!r} ({ep.value}) failed to import: {exc}. "
+                    f"Fix or uninstall the package that declares it."
+                ) from exc
+
+
+def reload_plugins() -> None:
+    """Look at the entry points again (after installing a plugin package in a running process)."""
+    global _LOADED
+    with _LOCK:
+        _LOADED = False
+        importlib.invalidate_caches()
+    load_plugins()
+
+
+def _closest(name: str, n: int = 5) -> list[str]:
+    names = list(_REGISTRY)
+    close = difflib.get_close_matches(name, names, n=n, cutoff=0.6)
+    if not close:  # fall back to names sharing a prefix, e.g. "vgg" -> vgg11, vgg13, ...
+        stem = name.rstrip("0123456789_").lower()
+        close = sorted(n_ for n_ in names if stem and n_.lower().startswith(stem))[:n]
+    return close
+
+
+def get_backbone_entry(name: str) -> BackboneEntry:
+    """The registry entry for ``name``; an unknown name raises with the closest registered names."""
+    load_plugins()
+    if name.startswith("timm/") and name not in _REGISTRY:
+        bridge = _REGISTRY.get("timm/*")
+        if bridge is not None:
+            return BackboneEntry(
+                name=name,
+                builder=bridge.builder,
+                family=bridge.family,
+                paper=bridge.paper,
+                reference=name[len("timm/") :],
+                defaults={**bridge.defaults, "model_name": name[len("timm/") :]},
+                module=bridge.module,
+            )
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = _closest(name)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise UnknownBackboneError(
+            f"unknown backbone {name!r}.{hint} Run `make backbones` (or "
+            f"`python -m cvtasks backbones`) to list the {len(_REGISTRY)} registered names."
+        ) from None
+
+
+def create_backbone(name: str, **kwargs: Any) -> Any:
+    """Build the registered backbone ``name``; keywords go to its builder (in_chans, pretrained, ...)."""
+    return get_backbone_entry(name).build(**kwargs)
+
+
+def list_backbones(pattern: str | None = None) -> list[str]:
+    """Registered backbone names, sorted, optionally filtered by a shell-style pattern."""
+    load_plugins()
+    names = sorted(n for n in _REGISTRY if n != "timm/*")
+    if pattern:
+        pat = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
+        names = [n for n in names if fnmatch.fnmatch(n, pat)]
+    return names
