@@ -138,8 +138,14 @@ class Backbone(nn.Module):
 
     def load_pretrained(self, path: str | os.PathLike) -> None:
         """Load a local file holding the reference implementation's state_dict into this backbone."""
-        sd = self.remap_state_dict(load_state_dict_file(path))
-        sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
+        raw = load_state_dict_file(path)
+        own = self.state_dict()
+        if set(raw) == set(own) or all(k.startswith("backbone.") for k in raw):
+            # already our layout: a backbone's own state_dict, or a Classifier's
+            sd = {k.removeprefix("backbone."): v for k, v in raw.items() if k.startswith("backbone.") or k in own}
+        else:
+            sd = self.remap_state_dict(raw)
+            sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
         _load_adapted(self, sd, self.first_conv, path)
 
 
@@ -234,8 +240,10 @@ class Classifier(nn.Module):
 
     def load_pretrained(self, path: str | os.PathLike, with_head: bool = True) -> None:
         """Load the reference's full state_dict; the head only if ``with_head`` and shapes agree."""
-        sd = type(self.backbone).remap_state_dict(load_state_dict_file(path))
+        raw = load_state_dict_file(path)
         own = self.state_dict()
+        ours = all(k.startswith(("backbone.", "head.")) for k in raw)
+        sd = dict(raw) if ours else type(self.backbone).remap_state_dict(raw)
         head_fits = with_head and all(
             k in own and own[k].shape == v.shape for k, v in sd.items() if k.startswith("head.")
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Callable, Sequence
 
 import torch
@@ -120,7 +121,7 @@ class ConvNormAct(nn.Sequential):
             layers.append(("bn", get_norm_layer(norm)(out_channels)))
         if act is not None:
             layers.append(("act", get_act_layer(act)()))
-        super().__init__(dict(layers))  # type: ignore[arg-type]
+        super().__init__(OrderedDict(layers))
         self.out_channels = out_channels
 
 

@@ -1,0 +1,215 @@
+"""Backbone conformance checks, shared by `make check-backbone` and the test suite."""
+
+from __future__ import annotations
+
+import importlib
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .backbone import Backbone, create_classifier
+from .registry import BackboneEntry, get_backbone_entry
+
+__all__ = ["CheckReport", "check_backbone", "build_reference", "check_parity", "count_parameters"]
+
+
+@dataclass
+class CheckReport:
+    """What the checks observed for one backbone: each check's outcome by name."""
+
+    name: str
+    results: dict[str, str] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """True when no check failed."""
+        return not self.failures
+
+    def run(self, check: str, fn: Callable[[], str | None]) -> None:
+        """Run one check, recording 'ok' (or the note it returns), 'skipped: ...', or the failure."""
+        try:
+            note = fn()
+            self.results[check] = note or "ok"
+        except _Skip as skip:
+            self.results[check] = f"skipped: {skip}"
+        except Exception as exc:  # a check must report, not stop the others
+            self.results[check] = "FAILED"
+            self.failures[check] = f"{type(exc).__name__}: {exc}"
+
+    def __str__(self) -> str:
+        width = max(len(k) for k in self.results) if self.results else 0
+        lines = [f"backbone {self.name}:"]
+        for k, v in self.results.items():
+            lines.append(f"  {k:<{width}}  {v}")
+            if k in self.failures:
+                lines.append(f"  {'':<{width}}    {self.failures[k]}")
+        return "\n".join(lines)
+
+
+class _Skip(Exception):
+    pass
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def _input_size(entry: BackboneEntry) -> int:
+    return max(entry.min_input_size, 32)
+
+
+def _check_features(model: Backbone, size: int, in_chans: int = 3) -> str:
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, in_chans, size, size))
+    names = [f.name for f in model.feature_info]
+    if not isinstance(out, dict) or list(out) != names:
+        got = list(out) if isinstance(out, dict) else type(out).__name__
+        raise AssertionError(f"forward returned {got}, feature_info declares {names}")
+    prev = 0
+    for info in model.feature_info:
+        fmap = out[info.name]
+        if fmap.shape[1] != info.channels:
+            raise AssertionError(f"{info.name}: {fmap.shape[1]} channels, declared {info.channels}")
+        if info.stride < prev:
+            raise AssertionError(f"{info.name}: stride {info.stride} after a coarser level ({prev})")
+        prev = info.stride
+        est = size / fmap.shape[-1]
+        if not (info.stride / 1.5 <= est <= info.stride * 1.5):
+            raise AssertionError(
+                f"{info.name}: a {size}px input gave {fmap.shape[-1]}px, i.e. stride ~{est:.1f}, declared {info.stride}"
+            )
+    return "ok (" + ", ".join(f"{f.name}:{f.channels}@{f.stride}" for f in model.feature_info) + ")"
+
+
+def _supported_output_strides(model: Backbone) -> tuple[int, ...]:
+    return tuple(getattr(model, "supported_output_strides", (32,)))
+
+
+def _check_output_stride(entry: BackboneEntry, size: int) -> str:
+    probe = entry.build()
+    strides = [s for s in _supported_output_strides(probe) if s != 32]
+    if not strides:
+        raise _Skip("the family does not dilate")
+    for os_ in strides:
+        model = entry.build(output_stride=os_)
+        if max(f.stride for f in model.feature_info) > os_:
+            raise AssertionError(f"output_stride={os_} declared strides {[f.stride for f in model.feature_info]}")
+        _check_features(model, size)
+    return f"ok ({', '.join(map(str, strides))})"
+
+
+def _check_train_step(entry: BackboneEntry, size: int) -> str:
+    torch.manual_seed(0)
+    model = create_classifier(entry.name, num_classes=3)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(2, 3, size, size), torch.tensor([0, 2])
+    loss = F.cross_entropy(model(x), y)
+    if not torch.isfinite(loss):
+        raise AssertionError(f"loss is {loss.item()}")
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    if not any(g is not None and g.abs().sum() > 0 for g in grads):
+        raise AssertionError("no parameter received a gradient")
+    opt.step()
+    return f"ok (loss {loss.item():.3f})"
+
+
+def _check_round_trip(entry: BackboneEntry, size: int) -> str:
+    torch.manual_seed(0)
+    model = entry.build().eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "weights.pt"
+        torch.save(model.state_dict(), path)
+        loaded = entry.build(pretrained=str(path)).eval()
+    x = torch.randn(1, 3, size, size)
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    for k in a:
+        if not torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4):
+            raise AssertionError(f"level {k} differs after saving and loading the weights")
+    return None  # type: ignore[return-value]
+
+
+def build_reference(entry: BackboneEntry) -> nn.Module:
+    """The reference implementation named by ``entry.reference`` ('torchvision:NAME' or 'timm:NAME'), random weights."""
+    ref = entry.reference
+    if ":" not in ref:
+        raise _Skip(f"no reference implementation declared ({ref or 'none'})")
+    source, name = ref.split(":", 1)
+    probe_cls = entry.builder if isinstance(entry.builder, type) else None
+    kwargs: dict[str, Any] = dict(getattr(probe_cls, "reference_kwargs", {}) or {})
+    if source == "torchvision":
+        tv = importlib.import_module("torchvision.models")
+        return tv.get_model(name, weights=None, **kwargs)
+    if source == "timm":
+        timm = importlib.import_module("timm")
+        return timm.create_model(name, pretrained=False, **kwargs)
+    raise _Skip(f"unknown reference source {source!r}")
+
+
+def check_parity(name: str, size: int | None = None, rtol: float = 1e-4) -> str:
+    """Reference with random weights -> state_dict file -> ours: same logits and parameter count."""
+    entry = get_backbone_entry(name)
+    torch.manual_seed(0)
+    ref = build_reference(entry).eval()
+    size = size or _input_size(entry)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "reference.pt"
+        torch.save(ref.state_dict(), path)
+        num_classes = _num_classes(ref)
+        ours = create_classifier(name, num_classes=num_classes, pretrained=str(path)).eval()
+    n_ref, n_ours = count_parameters(ref), count_parameters(ours)
+    if n_ref != n_ours:
+        raise AssertionError(f"parameter count {n_ours:,} differs from the reference's {n_ref:,}")
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        a, b = ref(x), ours(x)
+    if isinstance(a, tuple):  # torchvision's aux-logit outputs
+        a = a[0]
+    scale = a.abs().max().clamp_min(1e-6)
+    err = ((a - b).abs().max() / scale).item()
+    if err > rtol:
+        raise AssertionError(f"logits differ from the reference: max relative error {err:.2e} > {rtol:.0e}")
+    return f"ok ({n_ours:,} parameters, max rel. error {err:.1e})"
+
+
+def _num_classes(model: nn.Module) -> int:
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if last:
+        return last[-1].out_features
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1].out_channels
+
+
+def check_backbone(name: str, parity: bool = True) -> CheckReport:
+    """Run the conformance checks on the registered backbone ``name``."""
+    entry = get_backbone_entry(name)
+    report = CheckReport(name)
+    size = _input_size(entry)
+    holder: dict[str, Backbone] = {}
+
+    def build() -> str:
+        holder["model"] = entry.build()
+        return f"ok ({count_parameters(holder['model']):,} parameters)"
+
+    report.run("build", build)
+    if "model" not in holder:
+        return report
+    report.run("features", lambda: _check_features(holder["model"], size))
+    report.run("in_chans=1", lambda: _check_features(entry.build(in_chans=1), size, in_chans=1))
+    report.run("in_chans=4", lambda: _check_features(entry.build(in_chans=4), size, in_chans=4))
+    report.run("output_stride", lambda: _check_output_stride(entry, size))
+    report.run("train_step", lambda: _check_train_step(entry, size))
+    report.run("pretrained round-trip", lambda: _check_round_trip(entry, size))
+    if parity:
+        report.run("reference parity", lambda: check_parity(name))
+    return report
