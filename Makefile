@@ -1,0 +1,123 @@
+# cvtasks: `make help` lists the targets and variables.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_SYS ?= python3
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+
+TASK       ?= classification
+BACKBONE   ?= resnet18
+DATA       ?=
+EPOCHS     ?=
+BATCH      ?=
+IMG        ?=
+DEVICES    ?=
+STRATEGY   ?=
+PRECISION  ?=
+LOGGER     ?= wandb
+RUN        ?=
+HEAD       ?=
+DETECTOR   ?=
+ROI        ?=
+NAME       ?=
+INPUT      ?=
+PATTERN    ?=
+PYTEST_ARGS ?=
+ARGS       ?=
+
+TASKS := $(patsubst configs/%.yaml,%,$(wildcard configs/*.yaml))
+
+# the optional variables become CLI arguments only when set
+CLI_ARGS = --config configs/$(TASK).yaml \
+	$(if $(DATA),--config configs/data/$(TASK)_folder.yaml --data.root $(DATA)) \
+	$(if $(LOGGER),--config configs/logger/$(LOGGER).yaml) \
+	--model.backbone $(BACKBONE) \
+	$(if $(HEAD),--model.head $(HEAD)) \
+	$(if $(DETECTOR),--model.detector $(DETECTOR)) \
+	$(if $(ROI),--model.roi $(ROI)) \
+	$(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) \
+	$(if $(BATCH),--data.batch_size $(BATCH)) \
+	$(if $(IMG),--data.img_size $(IMG)) \
+	$(if $(DEVICES),--trainer.devices $(DEVICES)) \
+	$(if $(STRATEGY),--trainer.strategy $(STRATEGY)) \
+	$(if $(PRECISION),--trainer.precision $(PRECISION)) \
+	$(if $(RUN),--run_name $(RUN))
+
+.PHONY: help setup check-task train evaluate predict resume backbones check-backbone test test-fast bench docs clean
+
+help: ## show this help: targets, then variables with their defaults
+	@echo "Targets:"
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+	@echo ""
+	@echo "Variables (make train VAR=value ...):"
+	@echo "  TASK=$(TASK)       one of: $(TASKS)"
+	@echo "  BACKBONE=$(BACKBONE)       any registered name (make backbones), or timm/<model>"
+	@echo "  DATA=              a folder of real data (classification: one sub-folder per class; segmentation: VOC layout; detection: COCO json + images)"
+	@echo "  EPOCHS=            training epochs (default: the task config's)"
+	@echo "  BATCH=             batch size per device (default: the task config's)"
+	@echo "  IMG=               image size in pixels (default: the task config's)"
+	@echo "  DEVICES=           devices per node, e.g. 2 (with STRATEGY=ddp)"
+	@echo "  STRATEGY=          auto | ddp | ddp_spawn | ..."
+	@echo "  PRECISION=         32-true | 16-mixed | bf16-mixed"
+	@echo "  LOGGER=$(LOGGER)         wandb | csv | tensorboard"
+	@echo "  RUN=               run name: the folder runs/<RUN>/ (default: task-backbone-time)"
+	@echo "  HEAD=              segmentation head: fcn32s | fcn16s | fcn8s | deeplabv3 | unpool"
+	@echo "  DETECTOR=          faster_rcnn | retinanet | ssd | fcos | yolo;  ROI=align | pool"
+	@echo "  NAME=              backbone name(s) for make check-backbone"
+	@echo "  INPUT=             folder of images for make predict"
+	@echo "  ARGS=              passed to the CLI as they are, e.g. ARGS='--model.lr 0.01'"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e ".[test]"
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create the local virtual environment (.venv) and install everything (done by the other targets on first use)
+
+check-task:
+	@test -f configs/$(TASK).yaml || { echo "error: unknown TASK '$(TASK)'; choose one of: $(TASKS)" >&2; exit 2; }
+	@test -z "$(DATA)" || test -d "$(DATA)" || { echo "error: DATA folder '$(DATA)' does not exist; pass an existing folder" >&2; exit 2; }
+	@test -z "$(DATA)" || test -f configs/data/$(TASK)_folder.yaml || { echo "error: TASK=$(TASK) has no real-data loader yet (configs/data/$(TASK)_folder.yaml)" >&2; exit 2; }
+	@test -z "$(LOGGER)" || test -f configs/logger/$(LOGGER).yaml || { echo "error: unknown LOGGER '$(LOGGER)'; choose wandb, csv or tensorboard" >&2; exit 2; }
+
+train: $(STAMP) check-task ## train TASK with BACKBONE on DATA (default: the generated shapes); writes runs/<RUN>/
+	$(PY) -m cvtasks fit $(CLI_ARGS) $(ARGS)
+
+evaluate: $(STAMP) ## evaluate a run's best checkpoint on its test split (RUN=...)
+	@test -n "$(RUN)" || { echo "error: make evaluate needs RUN=<run name>; see ls runs/" >&2; exit 2; }
+	$(PY) -m cvtasks test --config runs/$(RUN)/config.yaml --ckpt_path runs/$(RUN)/checkpoints/best.ckpt $(ARGS)
+
+predict: $(STAMP) ## predict on a folder of images with a run's best checkpoint (RUN=... INPUT=folder)
+	@test -n "$(RUN)" -a -n "$(INPUT)" || { echo "error: make predict needs RUN=<run> and INPUT=<folder of images>" >&2; exit 2; }
+	$(PY) -m cvtasks predict --config runs/$(RUN)/config.yaml --ckpt_path runs/$(RUN)/checkpoints/best.ckpt --data.predict_dir $(INPUT) $(ARGS)
+
+resume: $(STAMP) ## continue an interrupted run from its folder alone (RUN=...)
+	@test -n "$(RUN)" || { echo "error: make resume needs RUN=<run name>; see ls runs/" >&2; exit 2; }
+	$(PY) -m cvtasks resume $(RUN) $(ARGS)
+
+backbones: $(STAMP) ## list registered backbones: family, params, GFLOPs at 224, strides/channels, reference (PATTERN=...)
+	$(PY) -m cvtasks backbones $(PATTERN) $(ARGS)
+
+check-backbone: $(STAMP) ## run the conformance checks on a registered backbone (NAME=...)
+	@test -n "$(NAME)" || { echo "error: make check-backbone needs NAME=<backbone>; see make backbones" >&2; exit 2; }
+	$(PY) -m cvtasks check-backbone $(NAME) $(ARGS)
+
+test: $(STAMP) ## run the whole test suite (heavier tests included)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## run the tests not marked slow
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: $(STAMP) ## side-by-side benchmarks: native backbones vs reference, Lightning vs a plain loop
+	$(PY) -m benchmarks $(ARGS)
+
+docs: $(STAMP) ## regenerate docs/backbones.md from what the checks observe
+	$(PY) -m benchmarks.backbone_docs $(ARGS)
+
+clean: ## remove runs/, caches (keeps .venv)
+	rm -rf runs lightning_logs wandb .pytest_cache
+	find . -name __pycache__ -type d -prune -not -path "./$(VENV)/*" -exec rm -rf {} +

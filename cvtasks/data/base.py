@@ -1,0 +1,218 @@
+"""What every data module shares: seeded ratio splits, k-fold, loaders and the predict folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from lightning import LightningDataModule
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+from ..backbone import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "SplitDataModule",
+    "split_indices",
+    "list_images",
+    "read_image",
+    "ImageFolderPredictDataset",
+    "normalise",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly in ``folder`` (sorted); a missing folder or one without images is an error."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {str(root)!r} does not exist; pass an existing folder of images")
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise FileNotFoundError(
+            f"folder {str(root)!r} holds no images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...); "
+            f"point it at a folder of image files"
+        )
+    return files
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An RGB uint8 array (H, W, 3); an unreadable file raises naming it."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"cannot read image {str(path)!r} ({exc}); remove or replace the file") from exc
+
+
+def normalise(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 HxWx3 -> float CxHxW normalised by mean/std."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+    m = torch.tensor(mean).view(-1, 1, 1)
+    s = torch.tensor(std).view(-1, 1, 1)
+    return (x - m) / s
+
+
+def split_indices(
+    n: int,
+    split: Sequence[float] = (0.7, 0.15, 0.15),
+    num_folds: int | None = None,
+    fold: int = 0,
+    seed: int = 0,
+) -> tuple[list[int], list[int], list[int]]:
+    """Train/val/test indices: by ratio, or with fold ``fold`` of ``num_folds`` as the test set.
+
+    With k-fold, the remaining items are split into train and val in the ratio of split[0]:split[1].
+    """
+    if len(split) != 3 or any(r < 0 for r in split) or sum(split) <= 0:
+        raise ValueError(f"split must be three non-negative ratios (train, val, test), got {tuple(split)}")
+    perm = np.random.default_rng(seed).permutation(n).tolist()
+    if num_folds is not None:
+        if num_folds < 2 or not 0 <= fold < num_folds:
+            raise ValueError(f"need num_folds >= 2 and 0 <= fold < num_folds, got fold={fold}, num_folds={num_folds}")
+        bounds = np.linspace(0, n, num_folds + 1).astype(int)
+        test = perm[bounds[fold] : bounds[fold + 1]]
+        rest = perm[: bounds[fold]] + perm[bounds[fold + 1] :]
+        tv = split[0] + split[1]
+        n_train = int(round(len(rest) * (split[0] / tv if tv else 1.0)))
+        return rest[:n_train], rest[n_train:], test
+    total = sum(split)
+    n_train = int(round(n * split[0] / total))
+    n_val = int(round(n * split[1] / total))
+    return perm[:n_train], perm[n_train : n_train + n_val], perm[n_train + n_val :]
+
+
+class ImageFolderPredictDataset(Dataset):
+    """Every image in a folder, for predict: {"image", "path", "orig_size"}, transformed by ``transform``."""
+
+    def __init__(self, folder: str | Path, transform: Callable[[np.ndarray], torch.Tensor]) -> None:
+        self.files = list_images(folder)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        img = read_image(self.files[i])
+        return {"image": self.transform(img), "path": str(self.files[i]), "orig_size": img.shape[:2]}
+
+
+def _predict_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    shapes = {tuple(it["image"].shape) for it in items}
+    images: Any = torch.stack([it["image"] for it in items]) if len(shapes) == 1 else [it["image"] for it in items]
+    return {"image": images, "path": [it["path"] for it in items], "orig_size": [it["orig_size"] for it in items]}
+
+
+class SplitDataModule(LightningDataModule):
+    """Base of cvtasks' data modules: subclasses say how many items there are and build datasets."""
+
+    collate_fn: Callable[[list[Any]], Any] | None = None
+
+    def __init__(
+        self,
+        *,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        img_size: int = 128,
+        split: tuple[float, float, float] = (0.7, 0.15, 0.15),
+        num_folds: int | None = None,
+        fold: int = 0,
+        seed: int = 0,
+        augment: bool = True,
+        predict_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if img_size < 16:
+            raise ValueError(f"img_size must be at least 16 pixels, got {img_size}")
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.img_size = img_size
+        self.split = tuple(split)
+        self.num_folds = num_folds
+        self.fold = fold
+        self.seed = seed
+        self.augment = augment
+        self.predict_dir = predict_dir
+        split_indices(10, self.split, num_folds, fold, seed)  # validate the arguments now, not after setup
+        self.train_indices: list[int] = []
+        self.val_indices: list[int] = []
+        self.test_indices: list[int] = []
+        self._datasets: dict[str, Dataset] = {}
+
+    # -- what subclasses provide -------------------------------------------------------------
+    def num_items(self) -> int:
+        """How many samples there are in all."""
+        raise NotImplementedError
+
+    def make_dataset(self, indices: list[int], stage: str) -> Dataset:
+        """The dataset of the given items for ``stage`` (fit, val or test)."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (known right after __init__, so it can be linked into the model)."""
+        raise NotImplementedError
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order."""
+        return [f"class_{i}" for i in range(self.num_classes)]
+
+    def predict_transform(self, image: np.ndarray) -> torch.Tensor:
+        """How predict prepares an image: normalised, at its own size unless a subclass resizes."""
+        return normalise(image)
+
+    def make_predict_dataset(self, folder: str) -> Dataset:
+        """The images of ``folder`` for predict."""
+        return ImageFolderPredictDataset(folder, self.predict_transform)
+
+    # -- Lightning hooks ---------------------------------------------------------------------
+    def presplit(self) -> tuple[list[int], list[int], list[int]] | None:
+        """A split fixed by the data itself (e.g. VOC's ImageSets); None means split by ratio."""
+        return None
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            return
+        if not (self.train_indices or self.val_indices or self.test_indices):
+            fixed = self.presplit()
+            if fixed is not None:
+                self.train_indices, self.val_indices, self.test_indices = fixed
+            else:
+                self.train_indices, self.val_indices, self.test_indices = split_indices(
+                    self.num_items(), self.split, self.num_folds, self.fold, self.seed
+                )
+        for name, idx in (("fit", self.train_indices), ("val", self.val_indices), ("test", self.test_indices)):
+            if name not in self._datasets:
+                self._datasets[name] = self.make_dataset(idx, name)
+
+    def _loader(self, dataset: Dataset, shuffle: bool, collate: Callable | None = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate or self.collate_fn,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._datasets["fit"], shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._datasets["val"], shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._datasets["test"], shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        if not self.predict_dir:
+            raise ValueError("predict needs a folder of images: pass --data.predict_dir <folder>")
+        return self._loader(self.make_predict_dataset(self.predict_dir), shuffle=False, collate=_predict_collate)

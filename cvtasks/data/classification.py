@@ -1,0 +1,153 @@
+"""Classification data: the shapes scenes (one shape per image) and a folder of class sub-folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import albumentations as A
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from ..backbone import IMAGENET_MEAN, IMAGENET_STD
+from .base import IMAGE_EXTENSIONS, SplitDataModule, normalise, read_image
+from .shapes import SHAPE_NAMES, render_scene
+
+__all__ = ["classification_transform", "ShapesDataModule", "ImageFolderDataModule"]
+
+
+def classification_transform(img_size: int, train: bool) -> Callable[[np.ndarray], torch.Tensor]:
+    """Albumentations pipeline: shifts/scale/rotate, flips and colour for training; resize for eval."""
+    ops: list[A.BasicTransform] = [A.Resize(img_size, img_size)]
+    if train:
+        ops += [
+            A.Affine(translate_percent=(-0.1, 0.1), scale=(0.85, 1.15), rotate=(-30, 30), border_mode=0, p=0.7),
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomBrightnessContrast(0.2, 0.2, p=0.5),
+            A.HueSaturationValue(10, 20, 10, p=0.3),
+        ]
+    pipeline = A.Compose(ops)
+
+    def apply(image: np.ndarray) -> torch.Tensor:
+        return normalise(pipeline(image=image)["image"], IMAGENET_MEAN, IMAGENET_STD)
+
+    return apply
+
+
+class _ShapesClassification(Dataset):
+    """Scene i: one shape; the label is its kind."""
+
+    def __init__(self, indices: list[int], size: int, seed: int, transform: Callable) -> None:
+        self.indices, self.size, self.seed, self.transform = indices, size, seed, transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        scene = render_scene(self.indices[i], self.size, seed=self.seed, single=True)
+        return self.transform(scene.image), scene.shapes[0].kind
+
+
+class ShapesDataModule(SplitDataModule):
+    """Generated shapes, one per image, labelled by kind; nothing is read from disk."""
+
+    def __init__(self, *, num_samples: int = 3000, render_size: int | None = None, **kwargs) -> None:
+        """``num_samples`` scenes in all (split by ratio or k-fold); rendered at ``render_size`` (default img_size)."""
+        kwargs.setdefault("img_size", 64)
+        super().__init__(**kwargs)
+        if num_samples < 3:
+            raise ValueError(f"num_samples must be at least 3 (one per split), got {num_samples}")
+        self.num_samples = num_samples
+        self.render_size = render_size or self.img_size
+
+    def num_items(self) -> int:
+        return self.num_samples
+
+    @property
+    def num_classes(self) -> int:
+        return len(SHAPE_NAMES)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(SHAPE_NAMES)
+
+    def make_dataset(self, indices: list[int], stage: str) -> Dataset:
+        train = stage == "fit" and self.augment
+        return _ShapesClassification(indices, self.render_size, self.seed, classification_transform(self.img_size, train))
+
+    def predict_transform(self, image: np.ndarray) -> torch.Tensor:
+        return classification_transform(self.img_size, train=False)(image)
+
+
+class _FileClassification(Dataset):
+    def __init__(self, items: list[tuple[Path, int]], transform: Callable) -> None:
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[i]
+        return self.transform(read_image(path)), label
+
+
+class ImageFolderDataModule(SplitDataModule):
+    """Real images laid out as ``root/<class name>/<image>``; classes are the sub-folders, sorted."""
+
+    def __init__(self, *, root: str, **kwargs) -> None:
+        kwargs.setdefault("img_size", 64)
+        super().__init__(**kwargs)
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"DATA folder {str(self.root)!r} does not exist; pass a folder with one sub-folder of images per class"
+            )
+        self._classes = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        self._items = [
+            (f, label)
+            for label, name in enumerate(self._classes)
+            for f in sorted((self.root / name).rglob("*"))
+            if f.suffix.lower() in IMAGE_EXTENSIONS and f.is_file()
+        ]
+        if not self._items:
+            raise FileNotFoundError(
+                f"DATA folder {str(self.root)!r} holds no images in class sub-folders; lay it out as "
+                f"{self.root}/<class name>/<image>.jpg"
+            )
+        if len(self._classes) < 2:
+            raise ValueError(f"DATA folder {str(self.root)!r} has {len(self._classes)} class sub-folder(s); classification needs at least 2")
+
+    def num_items(self) -> int:
+        return len(self._items)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._classes)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage != "predict" and not self._datasets:
+            self._verify_images()
+        super().setup(stage)
+
+    def _verify_images(self) -> None:
+        """Open every image's header now, so a corrupt file stops the run before training starts."""
+        for path, _ in self._items:
+            try:
+                with Image.open(path) as im:
+                    im.verify()
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+                raise ValueError(f"cannot read image {str(path)!r} ({exc}); remove or replace the file") from exc
+
+    def make_dataset(self, indices: list[int], stage: str) -> Dataset:
+        train = stage == "fit" and self.augment
+        return _FileClassification([self._items[i] for i in indices], classification_transform(self.img_size, train))
+
+    def predict_transform(self, image: np.ndarray) -> torch.Tensor:
+        return classification_transform(self.img_size, train=False)(image)

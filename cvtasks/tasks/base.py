@@ -1,0 +1,189 @@
+"""What every task shares: optimiser and schedule from names and numbers, image logging, checks."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from lightning import LightningModule
+from torch import Tensor
+
+from ..backbone import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["BaseTask", "denormalise"]
+
+OPTIMIZERS = ("sgd", "adamw", "adam")
+SCHEDULERS = ("cosine", "step", "none")
+
+
+def denormalise(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
+    """Normalised float images (B, 3, H, W) back to uint8 for display."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() * s + m).clamp(0, 1).mul(255).round().to(torch.uint8)
+
+
+class BaseTask(LightningModule):
+    """A LightningModule configured by names and numbers; subclasses build the model and metrics."""
+
+    #: the metric that picks the best checkpoint, and whether higher is better
+    monitor: str = "val/loss"
+    monitor_mode: str = "min"
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        backbone: str = "resnet18",
+        backbone_kwargs: dict[str, Any] | None = None,
+        pretrained: str | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        scheduler: str = "cosine",
+        warmup_epochs: int = 0,
+        step_size: int = 10,
+        gamma: float = 0.1,
+        class_names: list[str] | None = None,
+        log_images_every_n_epochs: int = 1,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+        if optimizer.lower() not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if scheduler.lower() not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if lr <= 0:
+            raise ValueError(f"lr must be positive, got {lr}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names given for {num_classes} classes")
+        self.num_classes = num_classes
+        self.backbone_name = backbone
+        self.backbone_kwargs = dict(backbone_kwargs or {})
+        self.pretrained = pretrained
+        self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
+        self.log_images_every_n_epochs = log_images_every_n_epochs
+
+    # -- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        name = hp.get("optimizer", "sgd").lower()
+        if name == "sgd":
+            opt: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=hp["lr"], momentum=hp.get("momentum", 0.9), weight_decay=hp.get("weight_decay", 1e-4), nesterov=hp.get("momentum", 0.9) > 0
+            )
+        elif name == "adamw":
+            opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp.get("weight_decay", 1e-4))
+        else:
+            opt = torch.optim.Adam(params, lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0))
+        sched = hp.get("scheduler", "cosine").lower()
+        if sched == "none":
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
+        epochs = max(1, self.trainer.max_epochs or 1) if self._trainer is not None else 1
+        steps_per_epoch = max(1, total // epochs)
+        warmup = min(total - 1, hp.get("warmup_epochs", 0) * steps_per_epoch)
+        step_size = hp.get("step_size", 10) * steps_per_epoch
+        gamma = hp.get("gamma", 0.1)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            if sched == "cosine":
+                progress = (step - warmup) / max(1, total - warmup)
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return gamma ** ((step - warmup) // max(1, step_size))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- safety ------------------------------------------------------------------------------
+    def check_finite(self, loss: Tensor, batch_ids: Sequence[Any] | None = None) -> None:
+        """Stop the run on a NaN or infinite loss, naming the batch's images."""
+        if not torch.isfinite(loss).all():
+            ids = list(batch_ids) if batch_ids is not None else "unknown"
+            raise FloatingPointError(
+                f"non-finite loss ({loss.detach().float().cpu().tolist()}) at epoch {self.current_epoch}, "
+                f"step {self.global_step}, on images {ids}; lower the learning rate, check these images' "
+                f"annotations, or resume from the last checkpoint"
+            )
+
+    # -- image logging -----------------------------------------------------------------------
+    def should_log_images(self, batch_idx: int) -> bool:
+        """True for the first validation batch of epochs chosen for image logging (never in sanity checks)."""
+        trainer = self._trainer
+        if trainer is None or trainer.sanity_checking or batch_idx != 0 or not self.log_images_every_n_epochs:
+            return False
+        return self.current_epoch % self.log_images_every_n_epochs == 0 and trainer.is_global_zero
+
+    def log_images(
+        self,
+        key: str,
+        images: Tensor | list[np.ndarray],
+        captions: list[str] | None = None,
+        masks: list[dict[str, np.ndarray]] | None = None,
+        boxes: list[dict[str, dict[str, Any]]] | None = None,
+    ) -> None:
+        """Log images to W&B (with mask overlays and boxes) or TensorBoard; other loggers get nothing.
+
+        ``images`` are uint8 (B, 3, H, W) tensors or HxWx3 arrays. ``masks``: per image, a dict such
+        as {"prediction": HxW ints, "ground_truth": HxW ints}. ``boxes``: per image, a dict such as
+        {"prediction": {"boxes": Nx4 xyxy pixels, "labels": N, "scores": N}, "ground_truth": {...}}.
+        """
+        if isinstance(images, Tensor):
+            if images.dtype != torch.uint8:
+                images = denormalise(images)
+            arrays = [im.permute(1, 2, 0).cpu().numpy() for im in images]
+        else:
+            arrays = list(images)
+        class_labels = {i: n for i, n in enumerate(self.class_names)}
+        for logger in self.loggers:
+            kind = type(logger).__name__
+            if kind == "WandbLogger":
+                import wandb
+
+                items = []
+                for i, arr in enumerate(arrays):
+                    kw: dict[str, Any] = {}
+                    if captions:
+                        kw["caption"] = captions[i]
+                    if masks:
+                        kw["masks"] = {
+                            name: {"mask_data": np.asarray(m, dtype=np.int32), "class_labels": class_labels}
+                            for name, m in masks[i].items()
+                        }
+                    if boxes:
+                        kw["boxes"] = {name: _wandb_boxes(b, class_labels) for name, b in boxes[i].items()}
+                    items.append(wandb.Image(arr, **kw))
+                logger.experiment.log({key: items, "trainer/global_step": self.global_step})
+            elif kind == "TensorBoardLogger":
+                stack = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
+                logger.experiment.add_images(key, stack, self.global_step)
+
+    # -- predict -----------------------------------------------------------------------------
+    def save_predictions(self, records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+        """Write predict's records under ``out_dir``; each task says how."""
+        raise NotImplementedError(f"{type(self).__name__} does not write predictions")
+
+
+def _wandb_boxes(b: dict[str, Any], class_labels: dict[int, str]) -> dict[str, Any]:
+    data = []
+    scores = b.get("scores")
+    for j, (box, label) in enumerate(zip(np.asarray(b["boxes"]).tolist(), np.asarray(b["labels"]).tolist())):
+        item: dict[str, Any] = {
+            "position": {"minX": box[0], "minY": box[1], "maxX": box[2], "maxY": box[3]},
+            "domain": "pixel",
+            "class_id": int(label),
+            "box_caption": class_labels.get(int(label), str(label)),
+        }
+        if scores is not None:
+            item["scores"] = {"score": float(np.asarray(scores)[j])}
+            item["box_caption"] += f" {float(np.asarray(scores)[j]):.2f}"
+        data.append(item)
+    return {"box_data": data, "class_labels": class_labels}
