@@ -51,7 +51,7 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def normalise(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
     """uint8 HxWx3 -> float CxHxW normalised by mean/std."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
+    x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255)
     m = torch.tensor(mean).view(-1, 1, 1)
     s = torch.tensor(std).view(-1, 1, 1)
     return (x - m) / s

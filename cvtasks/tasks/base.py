@@ -68,29 +68,33 @@ class BaseTask(LightningModule):
         self.pretrained = pretrained
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         self.log_images_every_n_epochs = log_images_every_n_epochs
+        self.optim_settings = {
+            "optimizer": optimizer.lower(), "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+            "scheduler": scheduler.lower(), "warmup_epochs": warmup_epochs, "step_size": step_size, "gamma": gamma,
+        }
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp = self.optim_settings
         params = [p for p in self.parameters() if p.requires_grad]
-        name = hp.get("optimizer", "sgd").lower()
+        name = hp["optimizer"]
         if name == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(
-                params, lr=hp["lr"], momentum=hp.get("momentum", 0.9), weight_decay=hp.get("weight_decay", 1e-4), nesterov=hp.get("momentum", 0.9) > 0
+                params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"], nesterov=hp["momentum"] > 0
             )
         elif name == "adamw":
-            opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp.get("weight_decay", 1e-4))
+            opt = torch.optim.AdamW(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
         else:
-            opt = torch.optim.Adam(params, lr=hp["lr"], weight_decay=hp.get("weight_decay", 0.0))
-        sched = hp.get("scheduler", "cosine").lower()
+            opt = torch.optim.Adam(params, lr=hp["lr"], weight_decay=hp["weight_decay"])
+        sched = hp["scheduler"]
         if sched == "none":
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
         epochs = max(1, self.trainer.max_epochs or 1) if self._trainer is not None else 1
         steps_per_epoch = max(1, total // epochs)
-        warmup = min(total - 1, hp.get("warmup_epochs", 0) * steps_per_epoch)
-        step_size = hp.get("step_size", 10) * steps_per_epoch
-        gamma = hp.get("gamma", 0.1)
+        warmup = min(total - 1, hp["warmup_epochs"] * steps_per_epoch)
+        step_size = hp["step_size"] * steps_per_epoch
+        gamma = hp["gamma"]
 
         def factor(step: int) -> float:
             if step < warmup:

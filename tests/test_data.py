@@ -1,0 +1,101 @@
+"""Data: the shapes generator, splits and k-fold, the image folder and its errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cvtasks.data import ImageFolderDataModule, ShapesDataModule, render_scene, split_indices
+from cvtasks.data.shapes import SHAPE_NAMES
+
+
+def test_scenes_are_deterministic_per_index():
+    a, b = render_scene(7, 96), render_scene(7, 96)
+    assert np.array_equal(a.image, b.image) and len(a.shapes) == len(b.shapes)
+    assert not np.array_equal(render_scene(8, 96).image, a.image)
+    assert not np.array_equal(render_scene(7, 96, seed=1).image, a.image)
+
+
+def test_scene_masks_boxes_and_occlusion():
+    for i in range(30):
+        scene = render_scene(i, 96, min_shapes=2, max_shapes=5)
+        union = np.zeros((96, 96), bool)
+        for s in scene.shapes:
+            assert s.mask.any() and not (s.mask & union).any(), "visible masks must not overlap"
+            union |= s.mask
+            ys, xs = np.nonzero(s.mask)
+            assert s.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        sem = scene.semantic_mask()
+        assert set(np.unique(sem)) <= set(range(len(SHAPE_NAMES) + 1))
+        assert ((sem > 0) == union).all()
+
+
+def test_single_shape_view_for_classification():
+    kinds = {render_scene(i, 64, single=True).shapes[0].kind for i in range(60)}
+    assert kinds == set(range(len(SHAPE_NAMES)))
+    for i in range(10):
+        s = render_scene(i, 64, single=True)
+        assert len(s.shapes) == 1 and s.shapes[0].area > 0.05 * 64 * 64
+
+
+def test_ratio_split_is_seeded_disjoint_and_complete():
+    tr, va, te = split_indices(100, (0.7, 0.15, 0.15), seed=3)
+    assert (len(tr), len(va), len(te)) == (70, 15, 15)
+    assert sorted(tr + va + te) == list(range(100))
+    assert split_indices(100, (0.7, 0.15, 0.15), seed=3) == (tr, va, te)
+    assert split_indices(100, (0.7, 0.15, 0.15), seed=4) != (tr, va, te)
+
+
+def test_kfold_test_sets_partition_the_data():
+    tests = [split_indices(50, (0.8, 0.2, 0.0), num_folds=5, fold=k, seed=0)[2] for k in range(5)]
+    assert sorted(i for t in tests for i in t) == list(range(50))
+    tr, va, te = split_indices(50, (0.8, 0.2, 0.0), num_folds=5, fold=2, seed=0)
+    assert not set(te) & (set(tr) | set(va)) and len(tr) == 32 and len(va) == 8
+
+
+@pytest.mark.parametrize("kw", [{"split": (0.5, -0.1, 0.6)}, {"num_folds": 3, "fold": 3}, {"batch_size": 0}])
+def test_bad_split_arguments(kw):
+    with pytest.raises(ValueError):
+        ShapesDataModule(**kw)
+
+
+def test_shapes_datamodule_batches():
+    dm = ShapesDataModule(num_samples=30, img_size=32, batch_size=4)
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert dm.num_classes == 5 and dm.class_names[0] == "circle"
+    assert len(dm.train_indices) + len(dm.val_indices) + len(dm.test_indices) == 30
+
+
+def _folder(root: Path, classes=("cat", "dog"), n=4) -> Path:
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(np.full((20, 30, 3), 40 * i, np.uint8)).save(root / c / f"{i}.png")
+    return root
+
+
+def test_image_folder(tmp_path):
+    dm = ImageFolderDataModule(root=str(_folder(tmp_path / "d")), img_size=32, batch_size=2, split=(0.5, 0.25, 0.25))
+    assert dm.num_classes == 2 and dm.class_names == ["cat", "dog"]
+    dm.setup("fit")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 32, 32)
+
+
+def test_image_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolderDataModule(root=str(tmp_path / "nope"))
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="holds no images"):
+        ImageFolderDataModule(root=str(tmp_path / "empty"))
+    root = _folder(tmp_path / "bad")
+    (root / "dog" / "broken.png").write_bytes(b"not a png at all")
+    dm = ImageFolderDataModule(root=str(root))
+    with pytest.raises(ValueError, match="broken.png"):
+        dm.setup("fit")
