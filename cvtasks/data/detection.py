@@ -1,0 +1,336 @@
+"""Detection and instance segmentation data: the shapes scenes and COCO-format folders.
+
+Every sample is ``(image, target)``: ``image`` an UNNORMALISED float tensor CxHxW in [0, 1]
+(torchvision's detectors normalise inside the model), ``target`` a dict of
+
+    boxes     FloatTensor[N, 4]   xyxy, absolute pixels of the returned image
+    labels    Int64Tensor[N]      contiguous 0-based classes (no background class)
+    masks     UInt8Tensor[N, H, W] only when the data module has ``with_masks=True``
+    image_id  int                 the scene index, or the COCO image id
+    iscrowd   Int64Tensor[N]      1 for a COCO crowd region; those appear only in val/test targets (COCO's
+                                  evaluation ignores detections on them) and must not reach a loss
+    area      FloatTensor[N]      the object's area (COCO's field, scaled with the image)
+
+A batch (``detection_collate``) is ``(list of images, list of targets)``. Boxes and masks move with
+the image through albumentations; an object whose box leaves the image or shrinks to nothing is
+dropped together with its mask and label (an index label field keeps them in step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .base import SplitDataModule, read_image
+from .coco import CocoIndex, check_image_files, decode_segmentation, load_coco
+from .shapes import SHAPE_NAMES, render_scene
+
+__all__ = [
+    "COCODetectionDataModule",
+    "DetectionSample",
+    "ShapesDetectionDataModule",
+    "detection_collate",
+    "detection_transform",
+    "to_image_tensor",
+    "transform_sample",
+]
+
+Target = dict[str, Any]
+
+# Objects smaller than this after a transform (px^2) or with less than this share of their box left
+# inside the image are dropped, not kept as slivers a box regressor cannot learn from.
+MIN_BOX_AREA = 4.0
+MIN_VISIBILITY = 0.1
+
+
+def detection_transform(img_size: int, train: bool) -> A.Compose:
+    """Albumentations pipeline moving boxes (pascal_voc xyxy) and masks with the image.
+
+    Eval: letterbox to img_size x img_size (longest side resized, padded at the bottom/right, so
+    box coordinates only scale). Train adds a horizontal flip, a random scale with shift (which
+    crops objects out of the image or shrinks them) and colour jitter.
+    """
+    ops: list[A.BasicTransform] = [
+        A.LongestMaxSize(max_size=img_size),
+        A.PadIfNeeded(img_size, img_size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+    ]
+    if train:
+        ops += [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(scale=(0.75, 1.25), translate_percent=(-0.1, 0.1), border_mode=cv2.BORDER_CONSTANT,
+                     fill=0, fill_mask=0, p=0.5),
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
+        ]
+    bbox_params = A.BboxParams(format="pascal_voc", label_fields=["labels", "index"], min_area=MIN_BOX_AREA,
+                               min_visibility=MIN_VISIBILITY, min_width=1.0, min_height=1.0)
+    return A.Compose(ops, bbox_params=bbox_params)
+
+
+def to_image_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HxWx3 -> float CxHxW in [0, 1], not normalised (the detectors normalise)."""
+    return torch.from_numpy(np.require(image, requirements=["C", "W"])).permute(2, 0, 1).float().div_(255)
+
+
+class DetectionSample:
+    """One image and its objects as numpy arrays, before the transform and the conversion to tensors."""
+
+    def __init__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, *, image_id: int,
+                 masks: np.ndarray | None = None, area: np.ndarray | None = None,
+                 iscrowd: np.ndarray | None = None) -> None:
+        n = len(labels)
+        self.image = image
+        self.boxes = np.asarray(boxes, dtype=np.float64).reshape(n, 4)
+        self.labels = np.asarray(labels, dtype=np.int64).reshape(n)
+        self.image_id = int(image_id)
+        self.masks = None if masks is None else np.asarray(masks, dtype=np.uint8).reshape(n, *image.shape[:2])
+        box_area = (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
+        self.area = box_area if area is None else np.asarray(area, dtype=np.float64).reshape(n)
+        self.iscrowd = np.zeros(n, np.int64) if iscrowd is None else np.asarray(iscrowd, dtype=np.int64).reshape(n)
+
+
+def transform_sample(pipeline: Callable[..., dict] | None, sample: DetectionSample, *,
+                     boxes_from_masks: bool = False) -> tuple[torch.Tensor, Target]:
+    """Apply an albumentations pipeline to a sample; returns the image tensor and the target dict.
+
+    boxes_from_masks: replace each box by the box around its transformed mask and drop objects whose
+    mask is gone. A clipped box is not the box around the clipped mask (cut an L shape and the box keeps
+    its full height), so training with masks uses this, as YOLOv5's segment2box does; eval keeps the
+    annotated boxes, only scaled.
+    """
+    image, boxes, masks = sample.image, sample.boxes, sample.masks
+    keep = np.arange(len(sample.labels))
+    if pipeline is not None:
+        args: dict[str, Any] = {"image": image, "bboxes": boxes, "labels": sample.labels, "index": keep}
+        if masks is not None and len(keep):  # albumentations cannot stack an empty list of masks
+            args["masks"] = masks
+        out = pipeline(**args)
+        image = out["image"]
+        keep = np.asarray(out["index"], dtype=np.int64).reshape(-1)
+        boxes = np.asarray(out["bboxes"], dtype=np.float64).reshape(-1, 4)
+        if masks is not None:
+            masks = np.asarray(out["masks"])[keep] if "masks" in out else np.zeros((0, *image.shape[:2]), np.uint8)
+    if boxes_from_masks and masks is not None and len(keep):
+        present = masks.reshape(len(keep), -1).any(1)
+        keep, boxes, masks = keep[present], boxes[present], masks[present]
+        for k, m in enumerate(masks):
+            cols, rows = np.flatnonzero(m.any(0)), np.flatnonzero(m.any(1))
+            boxes[k] = (cols[0], rows[0], cols[-1] + 1, rows[-1] + 1)
+    old = sample.boxes[keep]
+    old_area = (old[:, 2] - old[:, 0]) * (old[:, 3] - old[:, 1])
+    new_area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    # COCO's area is the object's (mask) area, not the box's; scale it as the transform scaled the box.
+    area = sample.area[keep] * np.divide(new_area, old_area, out=np.ones_like(new_area), where=old_area > 0)
+    target: Target = {
+        "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "labels": torch.as_tensor(sample.labels[keep], dtype=torch.int64),
+        "image_id": sample.image_id,
+        "iscrowd": torch.as_tensor(sample.iscrowd[keep], dtype=torch.int64),
+        "area": torch.as_tensor(area, dtype=torch.float32),
+    }
+    if masks is not None:
+        target["masks"] = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8))
+    return to_image_tensor(image), target
+
+
+def detection_collate(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:
+    """(list of image tensors, list of target dicts): images may differ in size, targets in length."""
+    images, targets = zip(*batch) if batch else ((), ())
+    return list(images), list(targets)
+
+
+# -- shapes -------------------------------------------------------------------------------------
+
+class _ShapesDetection(Dataset):
+    """Scene i with every visible shape as an object (the same scenes as the other shapes tasks)."""
+
+    def __init__(self, indices: list[int], size: int, seed: int, min_shapes: int, max_shapes: int,
+                 min_object_pixels: int, with_masks: bool, train: bool, pipeline: Callable[..., dict] | None) -> None:
+        self.indices, self.size, self.seed, self.train = indices, size, seed, train
+        self.min_shapes, self.max_shapes = min_shapes, max_shapes
+        self.min_object_pixels, self.with_masks, self.pipeline = min_object_pixels, with_masks, pipeline
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def sample(self, i: int) -> DetectionSample:
+        """Scene ``indices[i]`` as arrays, before the transform."""
+        idx = self.indices[i]
+        scene = render_scene(idx, self.size, seed=self.seed, min_shapes=self.min_shapes, max_shapes=self.max_shapes)
+        shapes = [s for s in scene.shapes if s.mask.sum() >= self.min_object_pixels]
+        h, w = scene.image.shape[:2]
+        masks = np.stack([s.mask for s in shapes]) if shapes else np.zeros((0, h, w), bool)
+        return DetectionSample(
+            scene.image, np.array([s.box for s in shapes], dtype=np.float64).reshape(-1, 4),
+            np.array([s.kind for s in shapes], dtype=np.int64), image_id=idx,
+            masks=masks if self.with_masks else None, area=masks.reshape(len(shapes), -1).sum(1).astype(np.float64),
+        )
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Target]:
+        return transform_sample(self.pipeline, self.sample(i), boxes_from_masks=self.train and self.with_masks)
+
+
+class _DetectionDataModule(SplitDataModule):
+    """What the shapes and COCO detection modules share: collate, masks switch, predict images."""
+
+    collate_fn = staticmethod(detection_collate)
+
+    def __init__(self, *, with_masks: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.with_masks = with_masks
+
+    @property
+    def category_ids(self) -> list[int]:
+        """The category id of each label for written predictions: label + 1, COCO's convention (0 is no class)."""
+        return [label + 1 for label in range(self.num_classes)]
+
+    def pipeline(self, stage: str) -> A.Compose:
+        """The albumentations pipeline for ``stage`` (augmentation only when fitting with augment=True)."""
+        return detection_transform(self.img_size, train=stage == "fit" and self.augment)
+
+    def predict_transform(self, image: np.ndarray) -> torch.Tensor:
+        """Predict images stay at their own size and unnormalised; the detectors resize and normalise."""
+        return to_image_tensor(image)
+
+
+class ShapesDetectionDataModule(_DetectionDataModule):
+    """Generated shapes scenes with every visible shape as an object (boxes; masks when with_masks)."""
+
+    def __init__(self, *, num_samples: int = 2000, render_size: int | None = None, min_shapes: int = 1,
+                 max_shapes: int = 4, min_object_pixels: int = 8, with_masks: bool = False, **kwargs: Any) -> None:
+        """``num_samples`` scenes of ``min_shapes``..``max_shapes`` shapes; shapes with fewer than
+        ``min_object_pixels`` visible pixels (occluded) are dropped."""
+        kwargs.setdefault("img_size", 128)
+        super().__init__(with_masks=with_masks, **kwargs)
+        if num_samples < 3:
+            raise ValueError(f"num_samples must be at least 3 (one per split), got {num_samples}")
+        if min_object_pixels < 1:
+            raise ValueError(f"min_object_pixels must be at least 1, got {min_object_pixels}")
+        self.num_samples = num_samples
+        self.render_size = render_size or self.img_size
+        self.min_shapes, self.max_shapes = min_shapes, max_shapes
+        self.min_object_pixels = min_object_pixels
+        render_scene(0, self.render_size, min_shapes=min_shapes, max_shapes=max_shapes)  # checks the arguments now
+
+    def num_items(self) -> int:
+        """Number of scenes."""
+        return self.num_samples
+
+    @property
+    def num_classes(self) -> int:
+        """The shape kinds (no background class: R-CNN models add it)."""
+        return len(SHAPE_NAMES)
+
+    @property
+    def class_names(self) -> list[str]:
+        """The shape kinds, in label order."""
+        return list(SHAPE_NAMES)
+
+    def make_dataset(self, indices: list[int], stage: str) -> Dataset:
+        """Scenes ``indices`` for ``stage``."""
+        return _ShapesDetection(indices, self.render_size, self.seed, self.min_shapes, self.max_shapes,
+                                self.min_object_pixels, self.with_masks, stage == "fit", self.pipeline(stage))
+
+
+# -- COCO folders --------------------------------------------------------------------------------
+
+class _CocoDetection(Dataset):
+    """Images of a COCO file; crowd regions are left out of training targets and kept (iscrowd=1) for eval."""
+
+    def __init__(self, index: CocoIndex, rows: list[int], images_dir: Path, with_masks: bool, train: bool,
+                 pipeline: Callable[..., dict] | None) -> None:
+        self.index, self.rows, self.images_dir = index, rows, images_dir
+        self.with_masks, self.train, self.pipeline = with_masks, train, pipeline
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sample(self, i: int) -> DetectionSample:
+        """Image ``rows[i]`` of the file as arrays, before the transform."""
+        row = self.rows[i]
+        info = self.index.images[row]
+        path = self.images_dir / info.file_name
+        image = read_image(path)
+        if image.shape[:2] != (info.height, info.width):
+            raise ValueError(f"image {path} is {image.shape[0]}x{image.shape[1]} (HxW) but {self.index.path} says "
+                             f"{info.height}x{info.width}; fix the 'height'/'width' of image id {info.id}")
+        objs = [o for o in self.index.objects[row] if not (self.train and o.iscrowd)]
+        masks = None
+        if self.with_masks:
+            masks = np.zeros((len(objs), info.height, info.width), np.uint8)
+            for k, o in enumerate(objs):
+                masks[k] = decode_segmentation(o.segmentation, info.height, info.width)
+        return DetectionSample(
+            image, np.array([o.box for o in objs], dtype=np.float64).reshape(-1, 4),
+            np.array([o.label for o in objs], dtype=np.int64), image_id=info.id, masks=masks,
+            area=np.array([o.area for o in objs], dtype=np.float64), iscrowd=np.array([o.iscrowd for o in objs]),
+        )
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, Target]:
+        return transform_sample(self.pipeline, self.sample(i), boxes_from_masks=self.train and self.with_masks)
+
+
+class COCODetectionDataModule(_DetectionDataModule):
+    """A folder in COCO format, split by ratio or k-fold like the other data modules.
+
+    Layout::
+
+        <root>/annotations.json     COCO JSON: images, annotations (bbox, segmentation), categories
+        <root>/images/<file_name>   every image the JSON lists (file_name may hold sub-folders)
+
+    ``annotations`` overrides the JSON's path (absolute, or relative to root); ``images`` the image
+    folder's name. Labels are the categories sorted by id; ``category_ids[label]`` maps back.
+    Images without annotations are kept as negatives. ``with_masks=True`` (instance segmentation)
+    requires a segmentation (polygons or RLE) on every non-crowd annotation.
+    """
+
+    def __init__(self, *, root: str, annotations: str | None = None, images: str = "images",
+                 with_masks: bool = False, **kwargs: Any) -> None:
+        """Read and check the annotations now (num_classes must be known before setup)."""
+        kwargs.setdefault("img_size", 512)
+        super().__init__(with_masks=with_masks, **kwargs)
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"COCO data folder {str(self.root)!r} does not exist; pass --data.root <folder> "
+                                    "holding annotations.json and images/")
+        ann = Path(annotations).expanduser() if annotations else Path("annotations.json")
+        self.annotations_path = ann if ann.is_absolute() else self.root / ann
+        self.images_dir = self.root / images
+        self.index = load_coco(self.annotations_path, require_masks=with_masks)
+        self._checked = False
+
+    def num_items(self) -> int:
+        """Number of images in the file (annotated or not)."""
+        return len(self.index)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of categories (no background class: R-CNN models add it)."""
+        return len(self.index.category_ids)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Category names in label order."""
+        return list(self.index.class_names)
+
+    @property
+    def category_ids(self) -> list[int]:
+        """The file's category id of each label (write predictions with these)."""
+        return list(self.index.category_ids)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Check that every image file exists (before any training), then split."""
+        if stage != "predict" and not self._checked:
+            check_image_files(self.index, self.images_dir)
+            self._checked = True
+        super().setup(stage)
+
+    def make_dataset(self, indices: list[int], stage: str) -> Dataset:
+        """Images ``indices`` of the file for ``stage``; crowd regions only in val/test targets."""
+        return _CocoDetection(self.index, indices, self.images_dir, self.with_masks, train=stage == "fit",
+                              pipeline=self.pipeline(stage))
