@@ -190,6 +190,10 @@ class CvtasksCLI(LightningCLI):
     # -- after fit: one clean evaluation of the best checkpoint ---------------------------------
     def after_fit(self) -> None:
         trainer: Trainer = self.trainer
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # every rank leaves the group together; rank 0 then evaluates alone, with unsynchronised metrics
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
         if not trainer.is_global_zero:
             return
         if trainer.interrupted:
