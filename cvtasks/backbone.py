@@ -85,6 +85,9 @@ class Backbone(nn.Module):
     """
 
     feature_info: list[FeatureInfo]
+    # TorchScript compiles properties; these are Python-side descriptions only
+    __jit_unused_properties__ = ["feature_names", "out_channels"]
+    __jit_ignored_attributes__ = ["feature_info"]
     #: keys of the reference state_dict that belong to the classifier head (prefixes)
     head_prefixes: tuple[str, ...] = ("fc.",)
     #: our key of the first convolution's weight (adapted when in_chans != 3)
@@ -112,8 +115,8 @@ class Backbone(nn.Module):
                 return f
         raise KeyError(f"{type(self).__name__} has no feature level {name!r}; it has {self.feature_names}")
 
-    def forward_head_features(self, x: Tensor) -> Any:
-        """What the classification head consumes; the features dict unless the family needs more."""
+    def forward_head_features(self, x: Tensor) -> dict[str, Tensor]:
+        """What the classification head consumes: the features dict, plus whatever else the family's head reads."""
         return self(x)
 
     def build_head(self, num_classes: int, dropout: float = 0.0) -> nn.Module:
@@ -221,7 +224,7 @@ class GlobalPoolLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(in_channels, num_classes)
 
-    def forward(self, feats: Mapping[str, Tensor]) -> Tensor:
+    def forward(self, feats: dict[str, Tensor]) -> Tensor:
         x = feats[self.feature]
         x = torch.flatten(x.mean(dim=(2, 3)) if x.dim() == 4 else x, 1)
         return self.fc(self.dropout(x))
