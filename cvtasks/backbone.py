@@ -139,6 +139,10 @@ class Backbone(nn.Module):
                 out["backbone." + k] = v
         return out
 
+    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Fit a state_dict in our layout to this instance (e.g. ViT resizes its position embedding)."""
+        return state_dict
+
     def load_pretrained(self, path: str | os.PathLike) -> None:
         """Load a local file holding the reference implementation's state_dict into this backbone."""
         raw = load_state_dict_file(path)
@@ -149,7 +153,7 @@ class Backbone(nn.Module):
         else:
             sd = self.remap_state_dict(raw)
             sd = {k[len("backbone.") :]: v for k, v in sd.items() if k.startswith("backbone.")}
-        _load_adapted(self, sd, self.first_conv, path)
+        _load_adapted(self, self.adapt_state_dict(sd), self.first_conv, path)
 
 
 def _load_adapted(module: nn.Module, sd: dict[str, Tensor], first_conv: str | None, path: Any) -> None:
@@ -247,9 +251,11 @@ class Classifier(nn.Module):
         own = self.state_dict()
         ours = all(k.startswith(("backbone.", "head.")) for k in raw)
         sd = dict(raw) if ours else type(self.backbone).remap_state_dict(raw)
-        head_fits = with_head and all(
-            k in own and own[k].shape == v.shape for k, v in sd.items() if k.startswith("head.")
-        )
+        backbone_sd = self.backbone.adapt_state_dict({k[9:]: v for k, v in sd.items() if k.startswith("backbone.")})
+        sd = {**{f"backbone.{k}": v for k, v in backbone_sd.items()}, **{k: v for k, v in sd.items() if k.startswith("head.")}}
+        head_keys = [k for k in sd if k.startswith("head.")]
+        # a file without head keys (a features-only checkpoint) keeps the model's own head
+        head_fits = with_head and bool(head_keys) and all(k in own and own[k].shape == sd[k].shape for k in head_keys)
         if not head_fits:
             sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
             own_head = {k: v for k, v in own.items() if k.startswith("head.")}

@@ -331,7 +331,7 @@ class DropPath(nn.Module):
             return x
         keep = 1 - self.p
         mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
+        return x * mask.div_(keep)  # scale the small mask, not the activations: one pass over x
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
