@@ -129,7 +129,8 @@ class SpatiallySeparableConv(nn.Sequential):
     """A k x k convolution factorised into k x 1 then 1 x k (Inception-v3's factorisation)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, mid_channels: int | None = None,
-                 norm: str | None = "bn", act: str | None = "relu") -> None:
+                 norm: str | Callable[[int], nn.Module] | None = "bn",
+                 act: str | Callable[..., nn.Module] | None = "relu") -> None:
         mid = mid_channels or out_channels
         p = kernel_size // 2
         super().__init__(
