@@ -1,0 +1,263 @@
+"""MobileNetV2: inverted residuals with linear bottlenecks (Sandler et al., CVPR 2018).
+
+Each block widens the input with a 1x1 convolution (expansion factor t), filters it with a
+depthwise 3x3 convolution and projects it back with a *linear* 1x1 convolution: no activation on
+the narrow output, because ReLU on a low-dimensional manifold destroys information (Sec. 3.2).
+The residual connection joins the narrow ends, the inverse of ResNet's bottleneck.
+
+The block (``InvertedResidual``) and the output-stride planner (``dilation_plan``) are also used
+by EfficientNet, whose MBConv is this block with squeeze-and-excitation and SiLU.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Callable, Iterable, Mapping, Sequence
+
+from torch import Tensor, nn
+
+from cvtasks.backbone import StagedBackbone
+from cvtasks.layers import ConvNormAct, DropPath, SqueezeExcite, make_divisible
+from cvtasks.registry import register_backbone
+
+__all__ = ["InvertedResidual", "MobileNetV2", "dilation_plan", "check_output_stride", "map_block_key",
+           "init_weights", "assemble_levels", "LEVEL_OF_ROW"]
+
+SUPPORTED_OUTPUT_STRIDES = (8, 16, 32)
+
+
+def check_output_stride(output_stride: int, family: str) -> None:
+    """Raise a ValueError naming the valid values when ``output_stride`` is not 8, 16 or 32."""
+    if output_stride not in SUPPORTED_OUTPUT_STRIDES:
+        raise ValueError(
+            f"{family}: output_stride={output_stride!r} is not supported; pass one of "
+            f"{SUPPORTED_OUTPUT_STRIDES} (8 and 16 replace the last strides by dilation)"
+        )
+
+
+def dilation_plan(strides: Sequence[int], output_stride: int) -> list[tuple[int, int]]:
+    """(stride, dilation) for each layer so that the total stride stops at ``output_stride``.
+
+    A stride that would take the net past ``output_stride`` becomes 1 and every later layer is
+    dilated by it instead (DeepLab's atrous trick, Chen et al. 2017). The layer that loses its
+    stride keeps the dilation it had, as it still works at the finer resolution of its input.
+    """
+    plan: list[tuple[int, int]] = []
+    current, dilation = 1, 1
+    for s in strides:
+        if current * s > output_stride:
+            plan.append((1, dilation))
+            dilation *= s
+        else:
+            plan.append((s, dilation))
+            current *= s
+    return plan
+
+
+class InvertedResidual(nn.Module):
+    """Expand 1x1 -> depthwise kxk -> (squeeze-excite) -> linear 1x1 projection, plus identity when shapes agree.
+
+    ``expand_channels == in_channels`` skips the expansion (MobileNetV2's t = 1). ``se_channels``
+    > 0 adds squeeze-and-excitation after the depthwise convolution (EfficientNet's MBConv).
+    ``residual`` says whether the block would keep its shape at its natural stride, so that a
+    block whose stride was replaced by dilation keeps the layout (and weights) of the original.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        expand_channels: int,
+        residual: bool,
+        kernel_size: int = 3,
+        stride: int = 1,
+        dilation: int = 1,
+        act: str = "relu6",
+        se_channels: int = 0,
+        drop_path: float = 0.0,
+        norm: str | Callable[[int], nn.Module] = "bn",
+    ) -> None:
+        super().__init__()
+        self.expand = (
+            ConvNormAct(in_channels, expand_channels, 1, norm=norm, act=act)
+            if expand_channels != in_channels
+            else None
+        )
+        self.dw = ConvNormAct(expand_channels, expand_channels, kernel_size, stride, dilation=dilation,
+                              groups=expand_channels, norm=norm, act=act)
+        self.se = SqueezeExcite(expand_channels, rd_channels=se_channels, act="silu") if se_channels else None
+        self.project = ConvNormAct(expand_channels, out_channels, 1, norm=norm, act=None)
+        self.residual = residual
+        self.drop_path = DropPath(drop_path) if residual and drop_path > 0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = x if self.expand is None else self.expand(x)
+        out = self.dw(out)
+        if self.se is not None:
+            out = self.se(out)
+        out = self.project(out)
+        if self.residual:
+            if self.drop_path is not None:
+                out = self.drop_path(out)
+            out += x  # in place on the projection's BN output, as the references do
+        return out
+
+
+# t (expansion), c (channels), n (repeats), s (stride of the first repeat): Sandler et al., Table 2
+_SETTING: tuple[tuple[int, int, int, int], ...] = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+# MobileNetV2's and EfficientNet's seven-row tables share their strides: the level (stage1..stage5,
+# strides 2..32) that each row ends in. A level is the last tensor at its resolution.
+LEVEL_OF_ROW = (1, 2, 3, 4, 4, 5, 5)
+
+
+def assemble_levels(model: StagedBackbone, stem: nn.Module, rows: Sequence[tuple[str, nn.Module, int, int]],
+                    conv_head: ConvNormAct, out_features: Iterable[str] | None) -> None:
+    """Group the stem, seven (name, blocks, channels, stride) rows and the 1x1 head conv into levels stage1..stage5."""
+    if len(rows) != len(LEVEL_OF_ROW):
+        raise ValueError(f"expected {len(LEVEL_OF_ROW)} rows of blocks, got {len(rows)}")
+    groups: dict[int, list[tuple[str, nn.Module]]] = {k: [] for k in range(1, 6)}
+    groups[1].append(("stem", stem))
+    info: dict[int, tuple[int, int]] = {}
+    for (name, blocks, channels, stride), level in zip(rows, LEVEL_OF_ROW):
+        groups[level].append((name, blocks))
+        info[level] = (channels, stride)
+    groups[5].append(("conv_head", conv_head))
+    info[5] = (conv_head.out_channels, info[5][1])
+    for k, children in groups.items():
+        model.stages[f"stage{k}"] = nn.Sequential(OrderedDict(children))
+    init_weights(model)
+    model._finish([(f"stage{k}", f"stage{k}", *info[k]) for k in groups], out_features)
+
+
+class MobileNetV2(StagedBackbone):
+    """MobileNetV2 as five stages ``stage1..stage5`` (strides 2..32); ``width_mult`` scales every width.
+
+    Stage k holds the rows of Table 2 that end at stride 2^k; stage1 starts with the stem
+    convolution and stage5 ends with the 1x1 convolution to 1280 channels.
+    """
+
+    supported_output_strides = SUPPORTED_OUTPUT_STRIDES
+    first_conv = "stages.stage1.stem.conv.weight"
+    head_prefixes = ("classifier.",)
+
+    def __init__(
+        self,
+        *,
+        in_chans: int = 3,
+        out_features: Iterable[str] | None = None,
+        output_stride: int = 32,
+        width_mult: float = 1.0,
+        round_nearest: int = 8,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        check_output_stride(output_stride, "mobilenet_v2")
+        if width_mult <= 0:
+            raise ValueError(f"mobilenet_v2: width_mult must be positive, got {width_mult!r}")
+        self.output_stride = output_stride
+        self.dropout = dropout
+        stem_channels = make_divisible(32 * width_mult, round_nearest)
+        # the last layer never narrows below 1280 (Sec. 5.1: "except for the very last layer")
+        last_channels = make_divisible(1280 * max(1.0, width_mult), round_nearest)
+        strides = [2] + [s if i == 0 else 1 for _, _, n, s in _SETTING for i in range(n)]
+        plan = iter(dilation_plan(strides, output_stride))
+        stem_stride, _ = next(plan)
+
+        stem = ConvNormAct(in_chans, stem_channels, 3, stem_stride, act="relu6")
+        rows: list[tuple[str, nn.Module, int, int]] = []
+        channels, total_stride = stem_channels, stem_stride
+        for row, (t, c, n, s) in enumerate(_SETTING, start=1):
+            out_channels = make_divisible(c * width_mult, round_nearest)
+            blocks = []
+            for i in range(n):
+                stride, dilation = next(plan)
+                total_stride *= stride
+                blocks.append(InvertedResidual(
+                    channels, out_channels, expand_channels=int(round(channels * t)),
+                    residual=(s if i == 0 else 1) == 1 and channels == out_channels,
+                    stride=stride, dilation=dilation,
+                ))
+                channels = out_channels
+            rows.append((f"ir{row}", nn.Sequential(*blocks), out_channels, total_stride))
+        conv_head = ConvNormAct(channels, last_channels, 1, act="relu6")
+        assemble_levels(self, stem, rows, conv_head, out_features)
+
+    def build_head(self, num_classes: int, dropout: float | None = None) -> nn.Module:
+        """Global average pooling, dropout (0.2 by default, as torchvision) and a linear layer."""
+        head = super().build_head(num_classes, dropout=self.dropout if dropout is None else dropout)
+        nn.init.normal_(head.fc.weight, 0, 0.01)  # torchvision's initialisation of the classifier
+        nn.init.zeros_(head.fc.bias)
+        return head
+
+    @classmethod
+    def remap_state_dict(cls, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """torchvision's flat ``features.N`` layout to ours (rows of Table 2 grouped into five stages)."""
+        where: dict[int, str] = {}
+        index = 1
+        for row, (_, _, n, _) in enumerate(_SETTING, start=1):
+            for b in range(n):
+                where[index] = f"stages.stage{LEVEL_OF_ROW[row - 1]}.ir{row}.{b}"
+                index += 1
+        plain = {0: "stages.stage1.stem", index: "stages.stage5.conv_head"}
+        out: dict[str, Tensor] = {}
+        for k, v in state_dict.items():
+            m = re.fullmatch(r"features\.(\d+)\.(.*)", k)
+            i = int(m.group(1)) if m else -1
+            if k.startswith("classifier."):  # Dropout, Linear
+                out["head.fc." + k.split(".", 2)[2]] = v
+            elif i in plain:
+                out[f"backbone.{plain[i]}.{map_block_key(m.group(2), ('conv', 'bn'))}"] = v
+            elif i in where and m.group(2).startswith("conv."):
+                expands = any(key.startswith(f"features.{i}.conv.3.") for key in state_dict)
+                parts = _MBV2_PARTS if expands else _MBV2_PARTS[1:]
+                out[f"backbone.{where[i]}.{map_block_key(m.group(2)[len('conv.'):], parts)}"] = v
+            else:
+                out["backbone." + k] = v  # unknown: left for the loader to report
+        return out
+
+
+_CNA = {"0": "conv", "1": "bn"}
+# torchvision's block Sequential, position by position; '*' marks a Conv2dNormActivation (conv, bn[, act])
+_MBV2_PARTS = ("expand*", "dw*", "project.conv", "project.bn")
+
+
+def map_block_key(body: str, parts: Sequence[str]) -> str:
+    """A key inside a torchvision Sequential ('2.0.weight') to ours ('project.conv.weight') given its parts."""
+    idx, tail = body.split(".", 1)
+    part = parts[int(idx)]
+    if part.endswith("*"):
+        sub, tail = tail.split(".", 1)
+        part = f"{part[:-1]}.{_CNA[sub]}"
+    return f"{part}.{tail}"
+
+
+def init_weights(model: nn.Module) -> None:
+    """torchvision's initialisation of MobileNetV2 and EfficientNet: Kaiming (fan out) convolutions, unit BN."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+register_backbone(
+    "mobilenet_v2",
+    family="mobilenet",
+    paper="Sandler et al., MobileNetV2: Inverted Residuals and Linear Bottlenecks, CVPR 2018",
+    reference="torchvision:mobilenet_v2",
+    input_size=224,
+    min_input_size=32,
+)(MobileNetV2)
