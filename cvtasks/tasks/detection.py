@@ -1,0 +1,290 @@
+"""Object detection and instance segmentation: torchvision's detectors (and our YOLO) on registry backbones.
+
+Batches are ``(images, targets)``: images a list of float CxHxW tensors in [0, 1] (unnormalised:
+the detectors normalise inside), targets a list of dicts with ``boxes`` (xyxy, absolute pixels),
+``labels`` (0-based), ``image_id`` and, for instance segmentation, ``masks`` (uint8 NxHxW);
+``iscrowd``/``area`` when the data has them (COCO's evaluation uses both).
+
+Both tasks log ``train/loss`` (and each detector loss), and at the end of each validation/test
+epoch COCO's box figures from torchmetrics' MeanAveragePrecision (faster_coco_eval backend):
+``map``, ``map_50``, ``map_75``, ``map_small/medium/large``, ``mar_1/10/100``,
+``mar_small/medium/large`` and ``ap_<class>``. Instance segmentation adds the same figures for
+masks with a ``segm_`` prefix (``segm_map``, ``segm_map_50``, ..., ``segm_ap_<class>``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.io import write_png
+from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+from ..detection.models import DETECTORS, ROI_POOLERS, build_detector
+from .base import BaseTask
+
+__all__ = ["DetectionTask", "InstanceSegmentationTask"]
+
+_SUMMARY_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
+                 "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large")
+
+# distinct colours per class for drawn predictions (tab10)
+_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+            "#bcbd22", "#17becf"]
+
+Batch = tuple[Sequence[Tensor], Sequence[dict[str, Any]]]
+
+
+def _colour(label: int) -> str:
+    return _PALETTE[int(label) % len(_PALETTE)]
+
+
+def _to_uint8(image: Tensor) -> Tensor:
+    """A [0, 1] float CxHxW image as uint8 RGB (grey images repeated to 3 channels)."""
+    img = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+    return img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
+
+
+def draw_detections(image: Tensor, boxes: Tensor, labels: Tensor, class_names: Sequence[str],
+                    scores: Tensor | None = None, masks: Tensor | None = None) -> Tensor:
+    """uint8 CxHxW image with (masks and) boxes drawn, captioned with class names (and scores)."""
+    labels = labels.cpu()
+    colours = [_colour(int(l)) for l in labels]
+    if masks is not None and len(masks):
+        image = draw_segmentation_masks(image, masks.bool().cpu(), alpha=0.45, colors=colours)
+    if len(boxes):
+        names = [class_names[int(l)] if int(l) < len(class_names) else str(int(l)) for l in labels]
+        if scores is not None:
+            names = [f"{n} {float(s):.2f}" for n, s in zip(names, scores)]
+        image = draw_bounding_boxes(image, boxes.detach().float().cpu(), labels=names, colors=colours, width=1)
+    return image
+
+
+class DetectionTask(BaseTask):
+    """Detect objects with ``build_detector(detector, backbone, num_classes)`` behind a feature pyramid.
+
+    ``detector``: faster_rcnn | retinanet | ssd | fcos | yolo. ``roi``: align (RoIAlign) or pool
+    (RoIPool) for Faster R-CNN. ``min_size``/``max_size``: the detector's resize bounds (set to the
+    data's image size so nothing is resized). ``neck_channels``: width of the feature pyramid.
+    ``detector_kwargs``: anything else build_detector / the torchvision detector takes.
+    ``draw_score_threshold``: the lowest score drawn on logged and predicted images.
+    """
+
+    monitor = "val/map"
+    monitor_mode = "max"
+    #: detectors this task accepts, and the IoU types it evaluates
+    detectors: tuple[str, ...] = ("faster_rcnn", "retinanet", "ssd", "fcos", "yolo")
+    iou_types: tuple[str, ...] = ("bbox",)
+
+    def __init__(
+        self,
+        *,
+        detector: str = "faster_rcnn",
+        roi: str = "align",
+        min_size: int = 128,
+        max_size: int | None = None,
+        neck_channels: int = 128,
+        detector_kwargs: dict[str, Any] | None = None,
+        draw_score_threshold: float = 0.5,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        if detector not in self.detectors:
+            other = " (instance masks need InstanceSegmentationTask)" if detector in DETECTORS else ""
+            raise ValueError(
+                f"{type(self).__name__} does not take detector {detector!r}{other}; choose one of {list(self.detectors)}"
+            )
+        if roi not in ROI_POOLERS:
+            raise ValueError(f"unknown roi {roi!r}; choose 'align' (RoIAlign) or 'pool' (RoIPool)")
+        self.draw_score_threshold = draw_score_threshold
+        self.with_masks = "segm" in self.iou_types
+        self.model = build_detector(
+            detector, self.backbone_name, self.num_classes, roi=roi, min_size=min_size, max_size=max_size,
+            backbone_kwargs=self.backbone_kwargs, pretrained=self.pretrained, neck_channels=neck_channels,
+            **(detector_kwargs or {}),
+        )
+        iou_type: Any = self.iou_types[0] if len(self.iou_types) == 1 else self.iou_types
+        # one metric object per evaluated stage (training mode yields losses, not detections)
+        self.metrics = torch.nn.ModuleDict({
+            f"{s}_map": MeanAveragePrecision(iou_type=iou_type, class_metrics=True, backend="faster_coco_eval")
+            for s in ("val", "test")
+        })
+
+    def forward(self, images: Sequence[Tensor], targets: Sequence[dict[str, Any]] | None = None) -> Any:
+        return self.model(list(images), None if targets is None else list(targets))
+
+    # -- steps ---------------------------------------------------------------------------------
+    def _train_targets(self, targets: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Targets without COCO crowd regions (never training targets)."""
+        out = []
+        for t in targets:
+            crowd = t.get("iscrowd")
+            if crowd is not None and bool(torch.as_tensor(crowd).any()):
+                keep = torch.as_tensor(crowd) == 0
+                t = {k: (v[keep] if k in ("boxes", "labels", "masks", "area", "iscrowd") else v) for k, v in t.items()}
+            out.append(t)
+        return out
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        images, targets = batch
+        losses = self.model(list(images), self._train_targets(targets))
+        loss = torch.stack(list(losses.values())).sum()
+        self.check_finite(loss, [t.get("image_id") for t in targets])
+        bs = len(images)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=bs)
+        self.log_dict({f"train/{k}": v.detach() for k, v in losses.items()}, on_step=True, on_epoch=False, batch_size=bs)
+        return loss
+
+    def _metric_inputs(self, preds: list[dict[str, Tensor]], targets: Sequence[dict[str, Any]]) -> tuple[list, list]:
+        p_out, t_out = [], []
+        for p, t in zip(preds, targets):
+            item = {"boxes": p["boxes"], "scores": p["scores"], "labels": p["labels"]}
+            tgt: dict[str, Tensor] = {"boxes": torch.as_tensor(t["boxes"]).reshape(-1, 4),
+                                      "labels": torch.as_tensor(t["labels"]).reshape(-1)}
+            for key in ("iscrowd", "area"):
+                if key in t:
+                    tgt[key] = torch.as_tensor(t[key])
+            if self.with_masks:
+                item["masks"] = p["masks"][:, 0] > 0.5
+                tgt["masks"] = torch.as_tensor(t["masks"]).bool()
+            p_out.append(item)
+            t_out.append(tgt)
+        return p_out, t_out
+
+    def _eval_step(self, batch: Batch, batch_idx: int, stage: str) -> None:
+        images, targets = batch
+        preds = self.model(list(images))
+        self.metrics[f"{stage}_map"].update(*self._metric_inputs(preds, targets))
+        if stage == "val" and self.should_log_images(batch_idx):
+            self._log_samples(images, preds, targets)
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def _log_epoch_metrics(self, stage: str) -> None:
+        metric = self.metrics[f"{stage}_map"]
+        result = metric.compute()
+        metric.reset()
+        self.log_dict(self.flatten_map(result, stage), sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch_metrics("test")
+
+    def flatten_map(self, result: dict[str, Tensor], stage: str) -> dict[str, Tensor]:
+        """MeanAveragePrecision's output as scalars: ``<stage>/map``..., ``<stage>/ap_<class>``, ``segm_`` for masks."""
+        out: dict[str, Tensor] = {}
+        classes = torch.as_tensor(result.get("classes", torch.tensor([]))).reshape(-1).tolist()
+        for iou in self.iou_types:
+            src = "" if len(self.iou_types) == 1 else f"{iou}_"
+            dst = "" if iou == "bbox" else f"{iou}_"
+            for key in _SUMMARY_KEYS:
+                if src + key in result:
+                    out[f"{stage}/{dst}{key}"] = result[src + key].float()
+            per_class = torch.as_tensor(result.get(src + "map_per_class", torch.tensor([]))).reshape(-1)
+            if len(per_class) == len(classes):
+                for c, ap in zip(classes, per_class):
+                    name = self.class_names[int(c)] if 0 <= int(c) < len(self.class_names) else f"class_{int(c)}"
+                    out[f"{stage}/{dst}ap_{name}"] = ap.float()
+        return out
+
+    # -- images ----------------------------------------------------------------------------------
+    def _log_samples(self, images: Sequence[Tensor], preds: list[dict[str, Tensor]],
+                     targets: Sequence[dict[str, Any]], n: int = 4) -> None:
+        pictures, boxes = [], []
+        for img, p, t in list(zip(images, preds, targets))[:n]:
+            keep = p["scores"] >= self.draw_score_threshold
+            canvas = _to_uint8(img)
+            if self.with_masks and bool(keep.any()):  # drawn into the picture: log_images' overlay is semantic
+                canvas = draw_segmentation_masks(canvas, (p["masks"][keep, 0] > 0.5).cpu(), alpha=0.45,
+                                                 colors=[_colour(int(l)) for l in p["labels"][keep]])
+            pictures.append(canvas.permute(1, 2, 0).numpy())
+            boxes.append({
+                "prediction": {"boxes": p["boxes"][keep].cpu().numpy(), "labels": p["labels"][keep].cpu().numpy(),
+                               "scores": p["scores"][keep].cpu().numpy()},
+                "ground_truth": {"boxes": torch.as_tensor(t["boxes"]).cpu().numpy(),
+                                 "labels": torch.as_tensor(t["labels"]).cpu().numpy()},
+            })
+        self.log_images("val/detections", pictures, boxes=boxes)
+
+    # -- predict ---------------------------------------------------------------------------------
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+        images = batch["image"]
+        preds = self.model(list(images))
+        records = []
+        for path, p in zip(batch["path"], preds):
+            rec: dict[str, Any] = {"path": path, "boxes": p["boxes"].cpu(), "scores": p["scores"].cpu(),
+                                   "labels": p["labels"].cpu()}
+            if self.with_masks:
+                rec["masks"] = (p["masks"][:, 0] > 0.5).cpu()
+            records.append(rec)
+        return records
+
+    def _category_ids(self) -> list[int]:
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        ids = getattr(dm, "category_ids", None)
+        return list(ids) if ids else [i + 1 for i in range(self.num_classes)]
+
+    def save_predictions(self, records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+        """One drawn image per input (``<stem>.png``) and ``predictions.json`` in COCO results format.
+
+        COCO results carry the dataset's category ids (the data module's ``category_ids``, else
+        label + 1), boxes as xywh, ``image_id`` the image's position in the sorted list and
+        ``file_name`` its path; masks as RLE ``segmentation`` for instance segmentation.
+        """
+        from pycocotools import mask as mask_utils
+
+        from ..data.base import read_image
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        category_ids = self._category_ids()
+        results: list[dict[str, Any]] = []
+        written: list[Path] = []
+        used: set[str] = set()
+        for image_id, rec in enumerate(records):
+            image = torch.from_numpy(read_image(rec["path"]).copy()).permute(2, 0, 1)
+            keep = rec["scores"] >= self.draw_score_threshold
+            masks = rec.get("masks")
+            drawn = draw_detections(image, rec["boxes"][keep], rec["labels"][keep], self.class_names,
+                                    rec["scores"][keep], None if masks is None else masks[keep])
+            stem = Path(rec["path"]).stem
+            name = stem if stem not in used else f"{stem}_{image_id}"
+            used.add(name)
+            target = out_dir / f"{name}.png"
+            write_png(drawn, str(target))
+            written.append(target)
+            for j, (box, score, label) in enumerate(zip(rec["boxes"].tolist(), rec["scores"].tolist(),
+                                                        rec["labels"].tolist())):
+                x1, y1, x2, y2 = box
+                item: dict[str, Any] = {"image_id": image_id, "file_name": rec["path"],
+                                        "category_id": int(category_ids[int(label)]),
+                                        "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)}
+                if masks is not None:
+                    rle = mask_utils.encode(np.asfortranarray(masks[j].numpy().astype(np.uint8)))
+                    item["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+                results.append(item)
+        json_path = out_dir / "predictions.json"
+        json_path.write_text(json.dumps(results))
+        return [json_path, *written]
+
+
+class InstanceSegmentationTask(DetectionTask):
+    """Detect and segment objects with Mask R-CNN; logs box figures and mask figures (``segm_``)."""
+
+    detectors = ("mask_rcnn",)
+    iou_types = ("bbox", "segm")
+
+    def __init__(self, *, detector: str = "mask_rcnn", **kwargs: Any) -> None:
+        super().__init__(detector=detector, **kwargs)

@@ -1,0 +1,227 @@
+"""The feature-pyramid neck, the RoIPool pooler and the detector builders (torchvision's detectors
+on registry backbones): shapes, strides, anchors from strides, label conventions, train and eval."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+from torchvision.ops import roi_pool
+from torchvision.ops.poolers import LevelMapper
+
+from cvtasks import StagedBackbone, list_backbones, register_backbone
+from cvtasks.backbone import Backbone, FeatureInfo
+from cvtasks.detection import DETECTORS, Detector, FeaturePyramidNeck, MultiScaleRoIPool, anchor_sizes, build_detector
+from cvtasks.layers import ConvNormAct
+
+K = 3  # object classes in these tests
+S = 64  # image side
+
+
+@register_backbone("_tinydet_models", family="test", min_input_size=32)
+class TinyNet(StagedBackbone):
+    """Five stride-2 conv stages (strides 2..32), a few channels each: a stand-in for a real backbone."""
+
+    def __init__(self, in_chans: int = 3, out_features: list[str] | None = None, width: int = 8) -> None:
+        super().__init__()
+        chans = [width, width, 2 * width, 2 * width, 4 * width]
+        levels, prev = [], in_chans
+        for i, c in enumerate(chans):
+            self.stages[f"s{i}"] = ConvNormAct(prev, c, 3, stride=2)
+            levels.append((f"s{i}", f"c{i + 1}", c, 2 ** (i + 1)))
+            prev = c
+        self._finish(levels, out_features)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Run on one intra-op thread: on the shared 2-core machine two threads contend and small ops get ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class TokenNet(Backbone):
+    """A ViT-like backbone: one stride-16 level returned as a token sequence with a class token."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, 16, stride=16)
+        self.cls = nn.Parameter(torch.zeros(1, 1, dim))
+        self.feature_info = [FeatureInfo("tokens", dim, 16)]
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        t = self.proj(x).flatten(2).transpose(1, 2)
+        return {"tokens": torch.cat([self.cls.expand(len(t), -1, -1), t], dim=1)}
+
+
+def _targets(n: int = 2, masks: bool = False) -> list[dict[str, Tensor]]:
+    out = []
+    for i in range(n):
+        t = {"boxes": torch.tensor([[4.0, 6.0, 30.0, 28.0], [34.0, 30.0, 60.0, 62.0]]), "labels": torch.tensor([0, K - 1])}
+        if masks:
+            m = torch.zeros(2, S, S, dtype=torch.uint8)
+            m[0, 6:28, 4:30] = 1
+            m[1, 30:62, 34:60] = 1
+            t["masks"] = m
+        out.append(t)
+    return out
+
+
+def test_neck_takes_levels_by_stride_and_adds_the_pool_level() -> None:
+    neck = FeaturePyramidNeck(TinyNet(), out_channels=16, extra="maxpool")
+    assert neck.strides == [4, 8, 16, 32, 64]
+    assert neck.level_names == ["p2", "p3", "p4", "p5", "p6"]
+    assert neck.feature_levels == ["p2", "p3", "p4", "p5"]
+    out = neck(torch.randn(2, 3, S, S))
+    assert isinstance(out, OrderedDict) and list(out) == neck.level_names
+    for s, v in zip(neck.strides, out.values()):
+        assert v.shape == (2, 16, S // s, S // s)
+
+
+def test_neck_p6p7_and_chosen_strides() -> None:
+    neck = FeaturePyramidNeck(TinyNet(), out_channels=8, strides=(8, 16, 32), extra="p6p7")
+    assert neck.strides == [8, 16, 32, 64, 128]
+    out = neck(torch.randn(1, 3, 128, 128))
+    assert [v.shape[-1] for v in out.values()] == [16, 8, 4, 2, 1]
+    with pytest.raises(ValueError, match=r"no feature level at strides \[3\]"):
+        FeaturePyramidNeck(TinyNet(), strides=(3, 8))
+    with pytest.raises(ValueError, match="extra"):
+        FeaturePyramidNeck(TinyNet(), extra="p8")
+
+
+def test_single_level_backbone_gets_a_simple_pyramid() -> None:
+    neck = FeaturePyramidNeck(TokenNet(), out_channels=16, extra="maxpool")
+    assert neck.simple is not None and neck.strides == [8, 16, 32, 64]
+    out = neck(torch.randn(2, 3, S, S))
+    assert [tuple(v.shape) for v in out.values()] == [(2, 16, S // s, S // s) for s in (8, 16, 32, 64)]
+
+
+def test_anchor_sizes_follow_strides() -> None:
+    assert anchor_sizes([4, 8, 16], 4.0) == ((16.0,), (32.0,), (64.0,))
+    sizes = anchor_sizes([8, 16], 2.0, octaves=3)
+    assert sizes[0] == pytest.approx((16.0, 16.0 * 2 ** (1 / 3), 16.0 * 2 ** (2 / 3)))
+    rcnn = build_detector("faster_rcnn", "_tinydet_models", K, min_size=S, neck_channels=16)
+    gen = rcnn.model.rpn.anchor_generator
+    assert [s[0] for s in gen.sizes] == [4.0 * s for s in rcnn.model.backbone.strides]
+
+
+def test_roi_pool_assigns_levels_like_level_mapper() -> None:
+    torch.manual_seed(0)
+    feats = OrderedDict((f"p{k}", torch.randn(2, 4, 128 // 2**k, 128 // 2**k)) for k in (2, 3, 4, 5))
+    boxes = [torch.tensor([[0.0, 0.0, 20.0, 20.0], [10.0, 10.0, 120.0, 110.0]]), torch.tensor([[30.0, 40.0, 90.0, 80.0]])]
+    pool = MultiScaleRoIPool(list(feats), 3, canonical_scale=56, canonical_level=4)
+    out = pool(feats, boxes, [(128, 128), (128, 128)])
+    assert out.shape == (3, 4, 3, 3)
+    levels = LevelMapper(2, 5, 56, 4)(boxes)
+    assert len(set(levels.tolist())) > 1  # the case spans several levels
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(boxes)])
+    maps = list(feats.values())
+    for r, lvl in enumerate(levels.tolist()):
+        expected = roi_pool(maps[lvl], rois[r : r + 1], 3, 1.0 / 2 ** (lvl + 2))
+        torch.testing.assert_close(out[r : r + 1], expected)
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_every_detector_trains_and_predicts(name: str) -> None:
+    torch.manual_seed(0)
+    det = build_detector(name, "_tinydet_models", K, min_size=S, neck_channels=16)
+    images = [torch.rand(3, S, S), torch.rand(3, S, S)]
+    det.train()
+    losses = det(images, _targets(masks=DETECTORS[name].masks))
+    assert losses and all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in det.model.backbone.body.parameters())
+    det.eval()
+    with torch.no_grad():
+        out = det(images)
+    assert len(out) == 2
+    for o in out:
+        assert o["boxes"].shape[1:] == (4,) and len(o["scores"]) == len(o["labels"]) == len(o["boxes"])
+        if len(o["labels"]):
+            assert 0 <= int(o["labels"].min()) and int(o["labels"].max()) < K
+        if DETECTORS[name].masks:
+            assert o["masks"].shape[1:] == (1, S, S)
+
+
+def test_roi_pool_option_builds_two_stage_detectors_with_roipool() -> None:
+    det = build_detector("mask_rcnn", "_tinydet_models", K, roi="pool", min_size=S, neck_channels=16)
+    assert isinstance(det.model.roi_heads.box_roi_pool, MultiScaleRoIPool)
+    assert isinstance(det.model.roi_heads.mask_roi_pool, MultiScaleRoIPool)
+    det.train()
+    losses = det([torch.rand(3, S, S)], _targets(1, masks=True))
+    assert torch.isfinite(sum(losses.values()))
+
+
+@pytest.mark.parametrize(
+    ("name", "offset"), [("faster_rcnn", 1), ("mask_rcnn", 1), ("ssd", 1), ("retinanet", 0), ("fcos", 0), ("yolo", 0)]
+)
+def test_label_conventions(name: str, offset: int) -> None:
+    det = build_detector(name, "_tinydet_models", K, min_size=S, neck_channels=16)
+    assert det.label_offset == offset
+    if name.endswith("rcnn"):
+        assert det.model.roi_heads.box_predictor.cls_score.out_features == K + 1
+    elif name == "ssd":
+        assert det.model.head.classification_head.num_columns == K + 1
+    else:
+        assert det.model.head.classification_head.num_classes == K if name != "yolo" else det.model.num_classes == K
+
+
+class _Recorder(nn.Module):
+    """Stands in for a torchvision detector: records the targets it gets, returns fixed detections."""
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> object:
+        if self.training:
+            self.seen = targets
+            return {"loss": torch.tensor(0.0)}
+        return [{"boxes": torch.zeros(2, 4), "scores": torch.ones(2), "labels": torch.tensor([1, 3])}]
+
+
+def test_detector_shifts_labels_in_and_out_and_drops_degenerate_boxes() -> None:
+    det = Detector("faster_rcnn", _Recorder(), num_classes=K, label_offset=1, masks=False)
+    det.train()
+    t = {"boxes": torch.tensor([[0.0, 0.0, 5.0, 5.0], [3.0, 3.0, 3.0, 9.0]]), "labels": torch.tensor([0, 2])}
+    det([torch.rand(3, 8, 8)], [t])
+    assert det.model.seen[0]["labels"].tolist() == [1]  # 0 -> 1; the zero-width box is gone
+    assert det.model.seen[0]["boxes"].shape == (1, 4)
+    det.eval()
+    assert det([torch.rand(3, 8, 8)])[0]["labels"].tolist() == [0, 2]
+    det.train()
+    with pytest.raises(ValueError, match="outside 0..2"):
+        det([torch.rand(3, 8, 8)], [{"boxes": torch.zeros(1, 4) + torch.tensor([0, 0, 1, 1]), "labels": torch.tensor([K])}])
+
+
+def test_builder_rejects_bad_choices() -> None:
+    with pytest.raises(ValueError, match="unknown detector 'yolov9'"):
+        build_detector("yolov9", "_tinydet_models", K)
+    with pytest.raises(ValueError, match="unknown roi"):
+        build_detector("faster_rcnn", "_tinydet_models", K, roi="warp")
+    with pytest.raises(ValueError, match="num_classes"):
+        build_detector("faster_rcnn", "_tinydet_models", 0)
+    with pytest.raises(ValueError, match="needs instance masks"):
+        det = build_detector("mask_rcnn", "_tinydet_models", K, min_size=S, neck_channels=16)
+        det([torch.rand(3, S, S)], _targets(1))
+
+
+def test_min_size_keeps_images_unresized() -> None:
+    det = build_detector("faster_rcnn", "_tinydet_models", K, min_size=S, neck_channels=16)
+    batch, _ = det.model.transform([torch.rand(3, S, S)])
+    assert batch.image_sizes == [(S, S)]
+    assert det.model.transform.image_mean == pytest.approx([0.485, 0.456, 0.406])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "backbone"), [("faster_rcnn", "resnet18"), ("retinanet", "resnet18"),
+                                                ("faster_rcnn", "vit_b_16")])
+def test_registry_backbones_feed_detectors(name: str, backbone: str) -> None:
+    if backbone not in list_backbones():
+        pytest.skip(f"{backbone} is not registered")
+    det = build_detector(name, backbone, 5, min_size=128, neck_channels=64)
+    det.train()
+    t = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 40.0]]), "labels": torch.tensor([4])}]
+    losses = det([torch.rand(3, 128, 128)], t)
+    assert torch.isfinite(sum(losses.values()))

@@ -1,0 +1,156 @@
+"""The YOLOX-style detector: box coding, SimOTA-lite assignment on hand-made cases, NMS, the
+torchvision-style interface, and that it can overfit one tiny image."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from cvtasks import StagedBackbone, register_backbone
+from cvtasks.detection import build_detector
+from cvtasks.detection.yolo import decode_boxes, encode_boxes, make_priors, select_detections, simota_assign
+from cvtasks.layers import ConvNormAct
+
+K = 3
+
+
+@register_backbone("_tinydet_yolo", family="test", min_input_size=32)
+class TinyYoloNet(StagedBackbone):
+    """Five stride-2 conv stages (strides 2..32): a stand-in for a real backbone."""
+
+    def __init__(self, in_chans: int = 3, out_features: list[str] | None = None, width: int = 8) -> None:
+        super().__init__()
+        chans = [width, width, 2 * width, 2 * width, 4 * width]
+        levels, prev = [], in_chans
+        for i, c in enumerate(chans):
+            self.stages[f"s{i}"] = ConvNormAct(prev, c, 3, stride=2)
+            levels.append((f"s{i}", f"c{i + 1}", c, 2 ** (i + 1)))
+            prev = c
+        self._finish(levels, out_features)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Run on one intra-op thread: on the shared 2-core machine two threads contend and small ops get ~50x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _priors(size: int = 64, strides: tuple[int, ...] = (8, 16, 32)) -> tuple[torch.Tensor, torch.Tensor]:
+    return make_priors([(size // s, size // s) for s in strides], strides)
+
+
+def test_priors_are_cell_centres() -> None:
+    centres, strides = make_priors([(2, 3), (1, 1)], [8, 16])
+    assert centres.shape == (7, 2) and strides.tolist() == [8.0] * 6 + [16.0]
+    assert centres[:3].tolist() == [[4.0, 4.0], [12.0, 4.0], [20.0, 4.0]]
+    assert centres[-1].tolist() == [8.0, 8.0]
+
+
+def test_decoding_inverts_encoding() -> None:
+    torch.manual_seed(0)
+    centres, strides = _priors()
+    xy = torch.rand(len(centres), 2) * 50
+    wh = torch.rand(len(centres), 2) * 60 + 2
+    boxes = torch.cat([xy, xy + wh], 1)
+    deltas = encode_boxes(boxes, centres, strides)
+    torch.testing.assert_close(decode_boxes(deltas, centres, strides), boxes, atol=1e-4, rtol=1e-5)
+    zero = decode_boxes(torch.zeros(1, 4), centres[:1], strides[:1])  # zero deltas: a stride-sized box on the cell
+    assert zero.tolist() == [[0.0, 0.0, 8.0, 8.0]]
+
+
+def _assign(gt_boxes: torch.Tensor, gt_labels: torch.Tensor, pred_boxes: torch.Tensor | None = None):
+    centres, strides = _priors()
+    if pred_boxes is None:
+        pred_boxes = decode_boxes(torch.zeros(len(centres), 4), centres, strides)
+    cls = torch.zeros(len(centres), K)
+    obj = torch.zeros(len(centres))
+    fg, matched, iou = simota_assign(pred_boxes, cls, obj, centres, strides, gt_boxes, gt_labels)
+    return centres, strides, fg, matched, iou
+
+
+def test_assignment_hand_made_single_box() -> None:
+    gt = torch.tensor([[16.0, 16.0, 40.0, 40.0]])  # centre (28, 28): exactly the stride-8 cell (3, 3)
+    centres, strides, _, _, _ = _assign(gt, torch.tensor([1]))
+    target = int(((centres - 28).abs().sum(1) + (strides != 8) * 1e3).argmin())
+    pred = decode_boxes(torch.zeros(len(centres), 4), centres, strides)
+    pred[target] = gt[0]  # one location predicts the box exactly
+    centres, strides, fg, matched, iou = _assign(gt, torch.tensor([1]), pred)
+    assert fg[target] and iou[target] == pytest.approx(1.0)
+    assert (matched[fg] == 0).all() and (matched[~fg] == -1).all()
+    # every positive lies inside the box and within 2.5 strides of its centre
+    pos_c, pos_s = centres[fg], strides[fg]
+    assert ((pos_c > 16) & (pos_c < 40)).all()
+    assert ((pos_c - 28).abs() < 2.5 * pos_s[:, None]).all()
+    # dynamic k: at least one, at most the sum of the top-10 IoUs rounded down (here small)
+    assert 1 <= int(fg.sum()) <= 10
+
+
+def test_assignment_two_boxes_never_share_a_location_and_empty_image_has_none() -> None:
+    gt = torch.tensor([[0.0, 0.0, 24.0, 24.0], [36.0, 36.0, 64.0, 60.0]])
+    centres, _, fg, matched, _ = _assign(gt, torch.tensor([0, 2]))
+    assert set(matched[fg].tolist()) == {0, 1}
+    for g in range(2):  # each box's positives are inside that box
+        c = centres[fg & (matched == g)]
+        assert ((c[:, 0] > gt[g, 0]) & (c[:, 0] < gt[g, 2]) & (c[:, 1] > gt[g, 1]) & (c[:, 1] < gt[g, 3])).all()
+    _, _, fg0, matched0, _ = _assign(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    assert not fg0.any() and (matched0 == -1).all()
+
+
+def test_nms_removes_duplicates_per_class() -> None:
+    boxes = torch.tensor([[10.0, 10.0, 30.0, 30.0], [11.0, 10.0, 31.0, 30.0], [10.0, 10.0, 30.0, 30.0], [50, 50, 60, 60]])
+    scores = torch.zeros(4, K)
+    scores[0, 0], scores[1, 0] = 0.9, 0.8  # duplicate of the same class: one goes
+    scores[2, 1] = 0.7  # same place, another class: stays
+    scores[3, 2] = 0.01  # under the score threshold: dropped
+    out = select_detections(boxes, scores, score_thresh=0.05, nms_thresh=0.5)
+    assert sorted(zip(out["labels"].tolist(), out["scores"].tolist())) == [(0, pytest.approx(0.9)), (1, pytest.approx(0.7))]
+
+
+def test_interface_matches_torchvision_detectors() -> None:
+    torch.manual_seed(0)
+    det = build_detector("yolo", "_tinydet_yolo", K, min_size=64, neck_channels=16, score_thresh=0.0)
+    images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([2])},
+               {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
+    det.train()
+    losses = det(images, targets)
+    assert set(losses) == {"loss_box_giou", "loss_objectness", "loss_classifier"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    det.eval()
+    with torch.no_grad():
+        out = det(images)
+    assert len(out) == 2 and set(out[1]) == {"boxes", "scores", "labels"}
+    for o, img in zip(out, images):
+        assert len(o["boxes"]) > 0 and int(o["labels"].max()) < K
+        assert float(o["boxes"][:, 2].max()) <= img.shape[-1] + 1e-3 and float(o["boxes"][:, 3].max()) <= img.shape[-2] + 1e-3
+    with pytest.raises(ValueError, match="needs targets"):
+        det.train()
+        det(images)
+
+
+def test_loss_decreases_when_overfitting_one_image() -> None:
+    torch.manual_seed(0)
+    det = build_detector("yolo", "_tinydet_yolo", K, min_size=64, neck_channels=16)
+    image = torch.rand(3, 64, 64)
+    image[:, 8:30, 6:34] = torch.tensor([1.0, 0.2, 0.2])[:, None, None]
+    image[:, 36:60, 40:62] = torch.tensor([0.2, 0.2, 1.0])[:, None, None]
+    target = [{"boxes": torch.tensor([[6.0, 8.0, 34.0, 30.0], [40.0, 36.0, 62.0, 60.0]]), "labels": torch.tensor([0, 2])}]
+    opt = torch.optim.Adam(det.parameters(), lr=3e-3)
+    det.train()
+    history = []
+    for _ in range(40):
+        loss = sum(det([image], target).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    assert sum(history[-5:]) / 5 < 0.5 * sum(history[:5]) / 5, history
+    det.eval()
+    with torch.no_grad():
+        out = det([image])[0]
+    assert out["labels"][0].item() in (0, 2)  # the best detection is one of the two objects' classes
