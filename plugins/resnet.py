@@ -16,14 +16,13 @@ pre-activation ``resnetv2_*`` layout).
 
 from __future__ import annotations
 
-import os
 import re
 from collections import OrderedDict
 from typing import Any, Iterable, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from cvtasks.backbone import StagedBackbone, load_state_dict_file
+from cvtasks.backbone import StagedBackbone
 from cvtasks.layers import ConvNormAct, SqueezeExcite, grouped_conv, make_divisible
 from cvtasks.registry import register_backbone
 
@@ -392,26 +391,20 @@ class ResNet(StagedBackbone):
                 out["backbone." + k] = v
         return out
 
-    def load_pretrained(self, path: str | os.PathLike) -> None:
-        """Load the reference's state_dict; a file with blocks this variant lacks is an error, not a subset."""
-        raw = load_state_dict_file(path)
-        own = self.state_dict()
-        if set(raw) == set(own) or all(k.startswith("backbone.") for k in raw):
-            sd = {k.removeprefix("backbone."): v for k, v in raw.items() if not k.startswith("head.")}
-        else:
-            sd = {k[len("backbone."):]: v for k, v in self.remap_state_dict(raw).items()
-                  if k.startswith("backbone.")}
+    def adapt_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Reject a state_dict (our layout) with blocks this variant lacks, instead of loading a subset."""
         # keys of stages we did not build (out_features) are expected to be left over; keys inside
         # built stages that we lack mean a deeper or different variant (resnet34's file in resnet18)
+        own = self.state_dict()
         built = tuple(f"stages.{name}." for name in self.stages)
-        foreign = [k for k in sd if k not in own and k.startswith(built)]
+        foreign = [k for k in state_dict if k not in own and k.startswith(built)]
         if foreign:
             raise ValueError(
-                f"pretrained weights in {str(path)!r} hold layers this {type(self).__name__} "
-                f"({self.describe()}) lacks, e.g. {foreign[:3]}; the file is another variant's "
-                f"state_dict: pass the reference model of the same variant"
+                f"the pretrained weights hold layers this {type(self).__name__} ({self.describe()}) lacks, "
+                f"e.g. {foreign[:3]}; the file is another variant's state_dict: pass the reference "
+                f"model of the same variant"
             )
-        super().load_pretrained(path)
+        return state_dict
 
     def describe(self) -> str:
         """A short summary of the architecture: blocks per stage and block kind."""

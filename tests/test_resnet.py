@@ -15,7 +15,10 @@ from cvtasks.checks import check_backbone, check_parity, count_parameters
 from cvtasks.registry import create_backbone, get_backbone_entry, list_backbones
 from plugins.resnet import ResNet, wide_resnet_cifar
 
-SLOW = {"resnet152", "resnext101_32x8d", "wide_resnet101_2", "resnetv2_101"}
+# the biggest nets, plus resnet101, wide_resnet50_2 (over 40M parameters) and wrn28_10 (5 GFLOPs at 32x32)
+# to keep the default run short
+SLOW = {"resnet152", "resnext101_32x8d", "wide_resnet101_2", "resnetv2_101", "resnet101", "wide_resnet50_2",
+        "wrn28_10"}
 NAMES = [
     "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
     "resnetv2_50", "resnetv2_101",
@@ -147,6 +150,8 @@ def test_wrong_variant_file_is_a_clear_error(tmp_path: Path, file_of: str, into:
     _save_torchvision(file_of, tmp_path / "w.pt")
     with pytest.raises(ValueError, match="variant"):
         create_backbone(into, pretrained=str(tmp_path / "w.pt"))
+    with pytest.raises(ValueError, match="variant"):
+        create_classifier(into, num_classes=1000, pretrained=str(tmp_path / "w.pt"))
 
 
 def test_timm_se_file_into_plain_resnet_is_rejected(tmp_path: Path) -> None:
