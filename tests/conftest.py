@@ -7,8 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from collections.abc import Iterator
+
 import pytest
 import torch
+
+from cvtasks import StagedBackbone, register_backbone
+from cvtasks.layers import ConvNormAct
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,3 +33,27 @@ def workdir(tmp_path: Path) -> Path:
     """A temporary working folder holding a link to the repo's configs."""
     (tmp_path / "configs").symlink_to(REPO / "configs")
     return tmp_path
+
+
+@register_backbone("_tinynet", family="test", min_input_size=32)
+class TinyNet(StagedBackbone):
+    """Five stride-2 conv stages (strides 2..32), a few channels each: a stand-in for a real backbone."""
+
+    def __init__(self, in_chans: int = 3, out_features: list[str] | None = None, width: int = 8) -> None:
+        super().__init__()
+        chans = [width, width, 2 * width, 2 * width, 4 * width]
+        levels, prev = [], in_chans
+        for i, c in enumerate(chans):
+            self.stages[f"s{i}"] = ConvNormAct(prev, c, 3, stride=2)
+            levels.append((f"s{i}", f"c{i + 1}", c, 2 ** (i + 1)))
+            prev = c
+        self._finish(levels, out_features)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: tiny ops on two contended cores get much slower with two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

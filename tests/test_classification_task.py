@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-from lightning import Trainer
+from lightning import Callback, Trainer
 
 from cvtasks.data import ShapesDataModule
 from cvtasks.loggers import AutoWandbLogger, wandb_logged_in
@@ -36,11 +35,6 @@ def test_warmup_then_cosine_schedule(tmp_path):
     task = ClassificationTask(num_classes=5, backbone="resnet18", lr=0.1, warmup_epochs=1, scheduler="cosine")
     dm = ShapesDataModule(num_samples=40, img_size=32, batch_size=7)
     lrs: list[float] = []
-
-    class Record(torch.nn.Module):
-        pass
-
-    from lightning import Callback
 
     class LrRecorder(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

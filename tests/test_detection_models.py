@@ -4,7 +4,6 @@ on registry backbones): shapes, strides, anchors from strides, label conventions
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,37 +11,18 @@ from torch import Tensor, nn
 from torchvision.ops import roi_pool
 from torchvision.ops.poolers import LevelMapper
 
-from cvtasks import StagedBackbone, list_backbones, register_backbone
+from cvtasks import list_backbones
 from cvtasks.backbone import Backbone, FeatureInfo
 from cvtasks.detection import DETECTORS, Detector, FeaturePyramidNeck, MultiScaleRoIPool, anchor_sizes, build_detector
-from cvtasks.layers import ConvNormAct
+from conftest import TinyNet
 
 K = 3  # object classes in these tests
 S = 64  # image side
 
 
-@register_backbone("_tinydet_models", family="test", min_input_size=32)
-class TinyNet(StagedBackbone):
-    """Five stride-2 conv stages (strides 2..32), a few channels each: a stand-in for a real backbone."""
-
-    def __init__(self, in_chans: int = 3, out_features: list[str] | None = None, width: int = 8) -> None:
-        super().__init__()
-        chans = [width, width, 2 * width, 2 * width, 4 * width]
-        levels, prev = [], in_chans
-        for i, c in enumerate(chans):
-            self.stages[f"s{i}"] = ConvNormAct(prev, c, 3, stride=2)
-            levels.append((f"s{i}", f"c{i + 1}", c, 2 ** (i + 1)))
-            prev = c
-        self._finish(levels, out_features)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Run on one intra-op thread: on the shared 2-core machine two threads contend and small ops get ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TokenNet(Backbone):
@@ -105,7 +85,7 @@ def test_anchor_sizes_follow_strides() -> None:
     assert anchor_sizes([4, 8, 16], 4.0) == ((16.0,), (32.0,), (64.0,))
     sizes = anchor_sizes([8, 16], 2.0, octaves=3)
     assert sizes[0] == pytest.approx((16.0, 16.0 * 2 ** (1 / 3), 16.0 * 2 ** (2 / 3)))
-    rcnn = build_detector("faster_rcnn", "_tinydet_models", K, min_size=S, neck_channels=16)
+    rcnn = build_detector("faster_rcnn", "_tinynet", K, min_size=S, neck_channels=16)
     gen = rcnn.model.rpn.anchor_generator
     assert [s[0] for s in gen.sizes] == [4.0 * s for s in rcnn.model.backbone.strides]
 
@@ -129,7 +109,7 @@ def test_roi_pool_assigns_levels_like_level_mapper() -> None:
 @pytest.mark.parametrize("name", sorted(DETECTORS))
 def test_every_detector_trains_and_predicts(name: str) -> None:
     torch.manual_seed(0)
-    det = build_detector(name, "_tinydet_models", K, min_size=S, neck_channels=16)
+    det = build_detector(name, "_tinynet", K, min_size=S, neck_channels=16)
     images = [torch.rand(3, S, S), torch.rand(3, S, S)]
     det.train()
     losses = det(images, _targets(masks=DETECTORS[name].masks))
@@ -149,7 +129,7 @@ def test_every_detector_trains_and_predicts(name: str) -> None:
 
 
 def test_roi_pool_option_builds_two_stage_detectors_with_roipool() -> None:
-    det = build_detector("mask_rcnn", "_tinydet_models", K, roi="pool", min_size=S, neck_channels=16)
+    det = build_detector("mask_rcnn", "_tinynet", K, roi="pool", min_size=S, neck_channels=16)
     assert isinstance(det.model.roi_heads.box_roi_pool, MultiScaleRoIPool)
     assert isinstance(det.model.roi_heads.mask_roi_pool, MultiScaleRoIPool)
     det.train()
@@ -161,7 +141,7 @@ def test_roi_pool_option_builds_two_stage_detectors_with_roipool() -> None:
     ("name", "offset"), [("faster_rcnn", 1), ("mask_rcnn", 1), ("ssd", 1), ("retinanet", 0), ("fcos", 0), ("yolo", 0)]
 )
 def test_label_conventions(name: str, offset: int) -> None:
-    det = build_detector(name, "_tinydet_models", K, min_size=S, neck_channels=16)
+    det = build_detector(name, "_tinynet", K, min_size=S, neck_channels=16)
     assert det.label_offset == offset
     if name.endswith("rcnn"):
         assert det.model.roi_heads.box_predictor.cls_score.out_features == K + 1
@@ -197,18 +177,18 @@ def test_detector_shifts_labels_in_and_out_and_drops_degenerate_boxes() -> None:
 
 def test_builder_rejects_bad_choices() -> None:
     with pytest.raises(ValueError, match="unknown detector 'yolov9'"):
-        build_detector("yolov9", "_tinydet_models", K)
+        build_detector("yolov9", "_tinynet", K)
     with pytest.raises(ValueError, match="unknown roi"):
-        build_detector("faster_rcnn", "_tinydet_models", K, roi="warp")
+        build_detector("faster_rcnn", "_tinynet", K, roi="warp")
     with pytest.raises(ValueError, match="num_classes"):
-        build_detector("faster_rcnn", "_tinydet_models", 0)
+        build_detector("faster_rcnn", "_tinynet", 0)
     with pytest.raises(ValueError, match="needs instance masks"):
-        det = build_detector("mask_rcnn", "_tinydet_models", K, min_size=S, neck_channels=16)
+        det = build_detector("mask_rcnn", "_tinynet", K, min_size=S, neck_channels=16)
         det([torch.rand(3, S, S)], _targets(1))
 
 
 def test_min_size_keeps_images_unresized() -> None:
-    det = build_detector("faster_rcnn", "_tinydet_models", K, min_size=S, neck_channels=16)
+    det = build_detector("faster_rcnn", "_tinynet", K, min_size=S, neck_channels=16)
     batch, _ = det.model.transform([torch.rand(3, S, S)])
     assert batch.image_sizes == [(S, S)]
     assert det.model.transform.image_mean == pytest.approx([0.485, 0.456, 0.406])

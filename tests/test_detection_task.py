@@ -3,8 +3,6 @@ losses, the COCO figures they log, a fast_dev_run on the shapes scenes, and pred
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,44 +14,18 @@ import torch
 from PIL import Image
 from torchmetrics.detection import MeanAveragePrecision
 
-from cvtasks import StagedBackbone, register_backbone
 from cvtasks.data.detection import ShapesDetectionDataModule
-from cvtasks.layers import ConvNormAct
 from cvtasks.tasks.detection import DetectionTask, InstanceSegmentationTask
 
 NAMES = ["circle", "square", "triangle"]
 S = 64
 
-
-@register_backbone("_tinydet_task", family="test", min_input_size=32)
-class TinyTaskNet(StagedBackbone):
-    """Five stride-2 conv stages (strides 2..32): a stand-in for a real backbone."""
-
-    def __init__(self, in_chans: int = 3, out_features: list[str] | None = None, width: int = 8) -> None:
-        super().__init__()
-        chans = [width, width, 2 * width, 2 * width, 4 * width]
-        levels, prev = [], in_chans
-        for i, c in enumerate(chans):
-            self.stages[f"s{i}"] = ConvNormAct(prev, c, 3, stride=2)
-            levels.append((f"s{i}", f"c{i + 1}", c, 2 ** (i + 1)))
-            prev = c
-        self._finish(levels, out_features)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Run on one intra-op thread: on the shared 2-core machine two threads contend and small ops get ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _task(cls: type = DetectionTask, **kw: object) -> DetectionTask:
-    args = dict(num_classes=3, class_names=NAMES, backbone="_tinydet_task", min_size=S, max_size=S,
+    args = dict(num_classes=3, class_names=NAMES, backbone="_tinynet", min_size=S, max_size=S,
                 neck_channels=16, lr=0.01)
     return cls(**{**args, **kw})
-
 
 def _batch(masks: bool = False) -> tuple[list[torch.Tensor], list[dict]]:
     targets = []
@@ -68,7 +40,6 @@ def _batch(masks: bool = False) -> tuple[list[torch.Tensor], list[dict]]:
         targets.append(t)
     return [torch.rand(3, S, S), torch.rand(3, S, S)], targets
 
-
 def test_task_builds_from_names_and_rejects_wrong_detector() -> None:
     task = _task(detector="retinanet")
     assert task.model.name == "retinanet" and task.hparams.detector == "retinanet"
@@ -78,7 +49,6 @@ def test_task_builds_from_names_and_rejects_wrong_detector() -> None:
         _task(InstanceSegmentationTask, detector="yolo")
     with pytest.raises(ValueError, match="unknown roi"):
         _task(roi="crop")
-
 
 def test_training_step_and_non_finite_loss_names_the_images(monkeypatch: pytest.MonkeyPatch) -> None:
     task = _task()
@@ -90,7 +60,6 @@ def test_training_step_and_non_finite_loss_names_the_images(monkeypatch: pytest.
     with pytest.raises(FloatingPointError, match=r"\[100, 101\]"):
         task.training_step(_batch(), 0)
 
-
 def test_crowd_regions_are_not_training_targets() -> None:
     task = _task()
     _, targets = _batch()
@@ -98,7 +67,6 @@ def test_crowd_regions_are_not_training_targets() -> None:
     kept = task._train_targets(targets)
     assert kept[0]["labels"].tolist() == [2] and kept[0]["boxes"].shape == (1, 4)
     assert kept[1]["labels"].tolist() == [0, 2]
-
 
 def _map_result(iou_type: object, masks: bool) -> dict[str, torch.Tensor]:
     metric = MeanAveragePrecision(iou_type=iou_type, class_metrics=True, backend="faster_coco_eval")
@@ -113,7 +81,6 @@ def _map_result(iou_type: object, masks: bool) -> dict[str, torch.Tensor]:
     metric.update([pred], [tgt])
     return metric.compute()
 
-
 def test_logged_figures_detection() -> None:
     out = _task().flatten_map(_map_result("bbox", False), "val")
     for key in ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100"):
@@ -123,7 +90,6 @@ def test_logged_figures_detection() -> None:
     assert out["val/map_50"] == pytest.approx(0.5)
     assert not any("segm" in k for k in out)
 
-
 def test_logged_figures_instance_segmentation() -> None:
     task = _task(InstanceSegmentationTask)
     out = task.flatten_map(_map_result(("bbox", "segm"), True), "test")
@@ -131,14 +97,13 @@ def test_logged_figures_instance_segmentation() -> None:
     assert out["test/segm_ap_circle"] == pytest.approx(1.0)
     assert "test/segm_map_small" in out and "test/bbox_map" not in out
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize(("cls", "detector"), [(DetectionTask, "faster_rcnn"), (DetectionTask, "yolo"),
                                                (InstanceSegmentationTask, "mask_rcnn")])
 def test_fast_dev_run_on_shapes(cls: type, detector: str) -> None:
     masks = cls is InstanceSegmentationTask
     dm = ShapesDetectionDataModule(num_samples=12, img_size=S, batch_size=4, with_masks=masks)
-    task = cls(num_classes=dm.num_classes, class_names=dm.class_names, backbone="_tinydet_task", detector=detector,
+    task = cls(num_classes=dm.num_classes, class_names=dm.class_names, backbone="_tinynet", detector=detector,
                min_size=S, max_size=S, neck_channels=16, lr=0.01)
     trainer = L.Trainer(fast_dev_run=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
                         accelerator="cpu")
@@ -147,7 +112,6 @@ def test_fast_dev_run_on_shapes(cls: type, detector: str) -> None:
     assert {"train/loss", "val/map", "val/map_50", "val/map_75"} <= keys
     assert any(k.startswith("val/ap_") for k in keys)
     assert ("val/segm_map" in keys) == masks
-
 
 @pytest.mark.parametrize("cls", [DetectionTask, InstanceSegmentationTask])
 def test_predict_writes_drawn_images_and_coco_results(cls: type, tmp_path: Path) -> None:

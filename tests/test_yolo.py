@@ -3,41 +3,20 @@ torchvision-style interface, and that it can overfit one tiny image."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 
 import pytest
 import torch
 
-from cvtasks import StagedBackbone, register_backbone
+
 from cvtasks.detection import build_detector
 from cvtasks.detection.yolo import decode_boxes, encode_boxes, make_priors, select_detections, simota_assign
-from cvtasks.layers import ConvNormAct
 
 K = 3
 
 
-@register_backbone("_tinydet_yolo", family="test", min_input_size=32)
-class TinyYoloNet(StagedBackbone):
-    """Five stride-2 conv stages (strides 2..32): a stand-in for a real backbone."""
-
-    def __init__(self, in_chans: int = 3, out_features: list[str] | None = None, width: int = 8) -> None:
-        super().__init__()
-        chans = [width, width, 2 * width, 2 * width, 4 * width]
-        levels, prev = [], in_chans
-        for i, c in enumerate(chans):
-            self.stages[f"s{i}"] = ConvNormAct(prev, c, 3, stride=2)
-            levels.append((f"s{i}", f"c{i + 1}", c, 2 ** (i + 1)))
-            prev = c
-        self._finish(levels, out_features)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Run on one intra-op thread: on the shared 2-core machine two threads contend and small ops get ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _priors(size: int = 64, strides: tuple[int, ...] = (8, 16, 32)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +92,7 @@ def test_nms_removes_duplicates_per_class() -> None:
 
 def test_interface_matches_torchvision_detectors() -> None:
     torch.manual_seed(0)
-    det = build_detector("yolo", "_tinydet_yolo", K, min_size=64, neck_channels=16, score_thresh=0.0)
+    det = build_detector("yolo", "_tinynet", K, min_size=64, neck_channels=16, score_thresh=0.0)
     images = [torch.rand(3, 64, 64), torch.rand(3, 48, 64)]
     targets = [{"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([2])},
                {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}]
@@ -135,7 +114,7 @@ def test_interface_matches_torchvision_detectors() -> None:
 
 def test_loss_decreases_when_overfitting_one_image() -> None:
     torch.manual_seed(0)
-    det = build_detector("yolo", "_tinydet_yolo", K, min_size=64, neck_channels=16)
+    det = build_detector("yolo", "_tinynet", K, min_size=64, neck_channels=16)
     image = torch.rand(3, 64, 64)
     image[:, 8:30, 6:34] = torch.tensor([1.0, 0.2, 0.2])[:, None, None]
     image[:, 36:60, 40:62] = torch.tensor([0.2, 0.2, 1.0])[:, None, None]
