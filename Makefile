@@ -73,7 +73,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet -e ".[test,export]"
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create the local virtual environment (.venv) and install everything (done by the other targets on first use)

@@ -48,6 +48,8 @@ class BackboneEntry:
     reference: str = ""
     input_size: int = 224
     min_input_size: int = 32
+    published_params: str = ""
+    num_classes: int = 1000
     defaults: dict[str, Any] = field(default_factory=dict)
     module: str = ""
 
@@ -81,9 +83,15 @@ def register_backbone(
     reference: str = "",
     input_size: int = 224,
     min_input_size: int = 32,
+    published_params: str = "",
+    num_classes: int = 1000,
     **defaults: Any,
 ) -> Callable[[T], T]:
     """Register a backbone class or factory under ``name`` (a decorator; extra keywords become defaults).
+
+    ``published_params`` quotes the paper's parameter count for nets without a ``reference``
+    implementation to compare with (docs/backbones.md sets it beside ours); ``num_classes`` is the
+    class count of the documented head (1000 for ImageNet nets, 10 for LeNet-5 and the CIFAR WRNs).
 
     A second registration under a taken name is an error, unless it is the very same
     builder being imported again (a module reloaded under the same name).
@@ -100,6 +108,8 @@ def register_backbone(
             reference=reference,
             input_size=input_size,
             min_input_size=min_input_size,
+            published_params=published_params,
+            num_classes=num_classes,
             defaults=dict(defaults),
             module=getattr(obj, "__module__", ""),
         )

@@ -13,12 +13,12 @@ __all__ = ["measure_backbone", "backbone_table"]
 
 
 def measure_backbone(name: str, size: int | None = None) -> dict[str, Any]:
-    """Parameters (backbone and default classifier) and GFLOPs (multiply-adds, as papers count) at ``size``."""
+    """Parameters (backbone and its documented classifier) and GFLOPs (multiply-adds, as papers count) at ``size``."""
     from .backbone import create_classifier
 
     entry = get_backbone_entry(name)
     size = size or entry.input_size
-    model = create_classifier(name, num_classes=1000).eval()
+    model = create_classifier(name, num_classes=entry.num_classes).eval()
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(torch.zeros(1, 3, size, size))

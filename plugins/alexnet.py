@@ -130,5 +130,6 @@ register_backbone(
 # LRN changes the outputs, so there is no reference to compare logits with; torchvision's
 # alexnet weights still load (LRN has no parameters)
 register_backbone(
-    "alexnet_lrn", family="alexnet", paper=_PAPER, reference="", input_size=224, min_input_size=95, lrn=True
+    "alexnet_lrn", family="alexnet", paper=_PAPER, reference="", input_size=224, min_input_size=95,
+    published_params="60M (paper, section 1: '60 million parameters')", lrn=True
 )(AlexNet)

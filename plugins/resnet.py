@@ -467,6 +467,10 @@ _VARIANTS: dict[str, tuple[str, str, dict[str, Any], int]] = {
                           dict(_BOTTLENECK, layers=_DEPTHS[50], groups=32, width_per_group=4, se=True), 224),
 }
 
+# the CIFAR WRNs have no reference implementation; Zagoruyko & Komodakis give their sizes (Table 4)
+_PUBLISHED = {"wrn28_10": "36.5M (paper, Table 4)", "wrn40_4": "8.9M (paper, Table 4)"}
+
 for _name, (_family, _reference, _arch, _size) in _VARIANTS.items():
-    register_backbone(_name, family=_family, paper=_PAPERS[_family], reference=_reference,
-                      input_size=_size, min_input_size=32, **_arch)(ResNet)
+    register_backbone(_name, family=_family, paper=_PAPERS[_family], reference=_reference, input_size=_size,
+                      min_input_size=32, published_params=_PUBLISHED.get(_name, ""),
+                      num_classes=10 if _name in _PUBLISHED else 1000, **_arch)(ResNet)

@@ -101,13 +101,17 @@ def render_scene(
     min_shapes: int = 1,
     max_shapes: int = 4,
     single: bool = False,
+    shape_scale: tuple[float, float] = (0.08, 0.2),
 ) -> Scene:
     """Render scene ``index`` (deterministic per index, size and seed).
 
-    ``single=True`` gives one shape filling a good part of the image (the classification view).
+    ``single=True`` gives one shape filling a good part of the image (the classification view);
+    otherwise each shape's circumradius is drawn from ``shape_scale`` (fractions of ``size``).
     """
     if size < 16:
         raise ValueError(f"shapes scenes need a size of at least 16 pixels, got {size}")
+    if not 0 < shape_scale[0] <= shape_scale[1] <= 0.5:
+        raise ValueError(f"shape_scale must satisfy 0 < low <= high <= 0.5 (fractions of the image size), got {shape_scale}")
     if min_shapes < 1 or max_shapes < min_shapes:
         raise ValueError(f"need 1 <= min_shapes <= max_shapes, got {min_shapes}, {max_shapes}")
     rng = np.random.default_rng([seed, index, 1 if single else 0])
@@ -120,7 +124,7 @@ def render_scene(
         if single:
             r = rng.uniform(0.22, 0.4) * size
         else:
-            r = rng.uniform(0.08, 0.2) * size
+            r = rng.uniform(*shape_scale) * size
         cx = rng.uniform(r, size - r)
         cy = rng.uniform(r, size - r)
         mask = _shape_mask(SHAPE_NAMES[kind], size, cx, cy, r, rng.uniform(0, 2 * np.pi))

@@ -1,0 +1,59 @@
+"""The generated backbone page and the side-by-side benchmark: what they observe is what they print."""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks import backbone_docs, backbones, timing
+from cvtasks.summary import measure_backbone
+
+
+def test_counts_use_the_documented_head():
+    # the CIFAR WRN's head has 10 classes: 8,949,210 is the paper's 8.9M, as with torchvision-style counting
+    assert measure_backbone("wrn40_4")["params"] == 8_949_210
+    assert measure_backbone("lenet5")["params"] == 62_006  # 61,706 for grey input, see the registry's note
+
+
+def test_a_failing_capability_is_a_row_entry_with_its_reason():
+    def broken():
+        raise ValueError("no | way\nhere")
+
+    assert backbone_docs._try(lambda: None) == "yes"
+    assert backbone_docs._try(lambda: "yes (fcn8s)") == "yes (fcn8s)"
+    assert backbone_docs._try(broken) == "no (ValueError: no / way here)"  # one line, no table-breaking pipe
+
+
+def test_observe_and_render_lenet(one_thread):
+    row = backbone_docs.observe("lenet5", with_compile=False)
+    assert row["params"] == "62,006"
+    assert row["published params"].startswith("60,000 (paper")
+    assert row["parity"] == "-"  # no reference implementation
+    assert row["classification step"] == "yes"
+    assert row["segmentation step"] == "yes (deeplabv3)"  # no stride-16 level for FCN-8s
+    assert row["detection step"] == "yes (faster_rcnn)"
+    assert row["ONNX"] == "yes"  # onnx comes with the Makefile's install (the `export` extra)
+    assert row["torch.compile"] == "not run"
+    page = backbone_docs.render([row], seconds=60)
+    assert "| lenet5 | lenet | 62,006 | 60,000 (paper" in page
+    assert page.count("\n| lenet5 |") == 2  # the size table and the capability matrix
+
+
+def test_reference_count_is_observed(one_thread):
+    from cvtasks.registry import get_backbone_entry
+
+    assert backbone_docs._published(get_backbone_entry("alexnet")) == "61,100,840 (torchvision)"
+    assert backbone_docs._published(get_backbone_entry("wrn28_10")) == "36.5M (paper, Table 4)"
+
+
+def test_bench_pair_reports_a_ratio(one_thread):
+    assert backbones.bench_backbone("lenet5", size=32, batch=1, repeats=1) is None  # nothing to compare with
+    r = backbones.bench_backbone("alexnet", size=95, batch=1, repeats=1)
+    assert r["reference"] == "torchvision:alexnet" and r["size"] == 95
+    assert r["ratio"] == pytest.approx(r["ours_s"] / r["ref_s"]) and r["ratio"] > 0
+
+
+def test_interleaved_runs_each_side_alike():
+    calls: list[str] = []
+    ta, tb = timing.interleaved(lambda: calls.append("a"), lambda: calls.append("b"), repeats=4, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert ta >= 0 and tb >= 0
