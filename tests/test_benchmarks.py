@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from benchmarks import backbone_docs, backbones, timing
@@ -33,9 +35,36 @@ def test_observe_and_render_lenet(one_thread):
     assert row["detection step"] == "yes (faster_rcnn)"
     assert row["ONNX"] == "yes"  # onnx comes with the Makefile's install (the `export` extra)
     assert row["torch.compile"] == "not run"
-    page = backbone_docs.render([row], seconds=60)
+    page = backbone_docs.render([row], missing=["vgg16"])
     assert "| lenet5 | lenet | 62,006 | 60,000 (paper" in page
     assert page.count("\n| lenet5 |") == 2  # the size table and the capability matrix
+    assert "not observed yet" in page and "vgg16" in page
+
+
+def test_rows_are_kept_between_runs(tmp_path, one_thread, monkeypatch):
+    calls = []
+
+    def fake_observe(name, with_compile):
+        calls.append(name)
+        return {"name": name, **{k: name for k in ("family", "paper", "reference", "params", "published params", "gflops",
+                                                   "native", "levels", "output_stride", "parity", "classification step",
+                                                   "segmentation step", "detection step", "channels_last",
+                                                   "TorchScript", "ONNX", "torch.compile")}}
+
+    monkeypatch.setattr(backbone_docs, "observe", fake_observe)
+    out = tmp_path / "backbones.md"
+    backbone_docs.main(["--pattern", "wrn40_4", "--out", str(out)])
+    backbone_docs.main(["--pattern", "lenet5", "--out", str(out)])
+    assert calls == ["wrn40_4", "lenet5"]
+    page = out.read_text()
+    assert "| wrn40_4 | wrn40_4 |" in page and "| lenet5 | lenet5 |" in page  # the first run's row survived the second
+    assert page.index("| lenet5 |") < page.index("| wrn40_4 |")  # registry order
+    assert "not observed yet" in page and "resnet18" in page
+    rows = json.loads((tmp_path / "backbones.json").read_text())
+    rows["no_such_net"] = rows["wrn40_4"]
+    (tmp_path / "backbones.json").write_text(json.dumps(rows))
+    backbone_docs.main(["--pattern", "lenet5", "--out", str(out)])
+    assert "no_such_net" not in out.read_text()  # rows of unregistered names are dropped
 
 
 def test_reference_count_is_observed(one_thread):
