@@ -34,6 +34,28 @@ def test_scene_masks_boxes_and_occlusion():
         assert ((sem > 0) == union).all()
 
 
+def test_shape_scale_sets_the_size_of_shapes():
+    def mean_area(scale):
+        areas = [s.area for i in range(40) for s in render_scene(i, 64, max_shapes=1, shape_scale=scale).shapes]
+        return np.mean(areas)
+
+    small, large = mean_area((0.08, 0.12)), mean_area((0.25, 0.3))
+    assert large > 4 * small  # radius ~2.7x, area ~7x
+    a, b = render_scene(5, 64), render_scene(5, 64, shape_scale=(0.08, 0.2))
+    assert np.array_equal(a.image, b.image)  # (0.08, 0.2) is the default
+
+
+@pytest.mark.parametrize("scale", [(0.0, 0.2), (0.3, 0.2), (0.1, 0.6)])
+def test_bad_shape_scale_is_named(scale):
+    with pytest.raises(ValueError, match="shape_scale"):
+        render_scene(0, 64, shape_scale=scale)
+    from cvtasks.data import ShapesDetectionDataModule, ShapesSegmentationDataModule
+
+    for cls in (ShapesSegmentationDataModule, ShapesDetectionDataModule):
+        with pytest.raises(ValueError, match="shape_scale"):
+            cls(shape_scale=scale)  # at construction, not at the first batch
+
+
 def test_single_shape_view_for_classification():
     kinds = {render_scene(i, 64, single=True).shapes[0].kind for i in range(60)}
     assert kinds == set(range(len(SHAPE_NAMES)))

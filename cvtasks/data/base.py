@@ -16,6 +16,7 @@ from ..backbone import IMAGENET_MEAN, IMAGENET_STD
 __all__ = [
     "IMAGE_EXTENSIONS",
     "SplitDataModule",
+    "GeneratedScenes",
     "split_indices",
     "list_images",
     "read_image",
@@ -216,3 +217,30 @@ class SplitDataModule(LightningDataModule):
         if not self.predict_dir:
             raise ValueError("predict needs a folder of images: pass --data.predict_dir <folder>")
         return self._loader(self.make_predict_dataset(self.predict_dir), shuffle=False, collate=_predict_collate)
+
+
+class GeneratedScenes:
+    """Mixin of the shapes data modules: ``num_samples`` scenes, each rendered from its index (no files).
+
+    ``scene_args`` are render_scene's keywords of the view (min_shapes, max_shapes, shape_scale),
+    checked when the module is built, not when the first batch is drawn.
+    """
+
+    img_size: int
+
+    def init_scenes(self, num_samples: int, render_size: int | None, **scene_args: Any) -> None:
+        """Keep and check the scene settings (call after SplitDataModule.__init__)."""
+        from .shapes import render_scene
+
+        if num_samples < 3:
+            raise ValueError(f"num_samples must be at least 3 (one per split), got {num_samples}")
+        self.num_samples = num_samples
+        self.render_size = render_size or self.img_size
+        if "shape_scale" in scene_args:
+            scene_args["shape_scale"] = tuple(scene_args["shape_scale"])
+        self.scene_args = scene_args
+        render_scene(0, 16, **scene_args)  # raises on bad min_shapes / max_shapes / shape_scale
+
+    def num_items(self) -> int:
+        """Number of scenes."""
+        return self.num_samples

@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..backbone import IMAGENET_MEAN, IMAGENET_STD
-from .base import IMAGE_EXTENSIONS, SplitDataModule, normalise, read_image
+from .base import IMAGE_EXTENSIONS, GeneratedScenes, SplitDataModule, normalise, read_image
 from .shapes import SHAPE_NAMES, render_scene
 
 __all__ = ["classification_transform", "ShapesDataModule", "ImageFolderDataModule"]
@@ -51,20 +51,14 @@ class _ShapesClassification(Dataset):
         return self.transform(scene.image), scene.shapes[0].kind
 
 
-class ShapesDataModule(SplitDataModule):
+class ShapesDataModule(GeneratedScenes, SplitDataModule):
     """Generated shapes, one per image, labelled by kind; nothing is read from disk."""
 
     def __init__(self, *, num_samples: int = 3000, render_size: int | None = None, **kwargs) -> None:
         """``num_samples`` scenes in all (split by ratio or k-fold); rendered at ``render_size`` (default img_size)."""
         kwargs.setdefault("img_size", 64)
         super().__init__(**kwargs)
-        if num_samples < 3:
-            raise ValueError(f"num_samples must be at least 3 (one per split), got {num_samples}")
-        self.num_samples = num_samples
-        self.render_size = render_size or self.img_size
-
-    def num_items(self) -> int:
-        return self.num_samples
+        self.init_scenes(num_samples, render_size)
 
     @property
     def num_classes(self) -> int:

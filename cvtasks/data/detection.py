@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .base import SplitDataModule, read_image
+from .base import GeneratedScenes, SplitDataModule, read_image
 from .coco import CocoIndex, check_image_files, decode_segmentation, load_coco
 from .shapes import SHAPE_NAMES, render_scene
 
@@ -149,10 +149,10 @@ def detection_collate(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[to
 class _ShapesDetection(Dataset):
     """Scene i with every visible shape as an object (the same scenes as the other shapes tasks)."""
 
-    def __init__(self, indices: list[int], size: int, seed: int, min_shapes: int, max_shapes: int,
+    def __init__(self, indices: list[int], size: int, seed: int, scene_args: dict[str, Any],
                  min_object_pixels: int, with_masks: bool, train: bool, pipeline: Callable[..., dict] | None) -> None:
         self.indices, self.size, self.seed, self.train = indices, size, seed, train
-        self.min_shapes, self.max_shapes = min_shapes, max_shapes
+        self.scene_args = scene_args
         self.min_object_pixels, self.with_masks, self.pipeline = min_object_pixels, with_masks, pipeline
 
     def __len__(self) -> int:
@@ -161,7 +161,7 @@ class _ShapesDetection(Dataset):
     def sample(self, i: int) -> DetectionSample:
         """Scene ``indices[i]`` as arrays, before the transform."""
         idx = self.indices[i]
-        scene = render_scene(idx, self.size, seed=self.seed, min_shapes=self.min_shapes, max_shapes=self.max_shapes)
+        scene = render_scene(idx, self.size, seed=self.seed, **self.scene_args)
         shapes = [s for s in scene.shapes if s.mask.sum() >= self.min_object_pixels]
         h, w = scene.image.shape[:2]
         masks = np.stack([s.mask for s in shapes]) if shapes else np.zeros((0, h, w), bool)
@@ -198,28 +198,21 @@ class _DetectionDataModule(SplitDataModule):
         return to_image_tensor(image)
 
 
-class ShapesDetectionDataModule(_DetectionDataModule):
+class ShapesDetectionDataModule(GeneratedScenes, _DetectionDataModule):
     """Generated shapes scenes with every visible shape as an object (boxes; masks when with_masks)."""
 
     def __init__(self, *, num_samples: int = 2000, render_size: int | None = None, min_shapes: int = 1,
-                 max_shapes: int = 4, min_object_pixels: int = 8, with_masks: bool = False, **kwargs: Any) -> None:
-        """``num_samples`` scenes of ``min_shapes``..``max_shapes`` shapes; shapes with fewer than
-        ``min_object_pixels`` visible pixels (occluded) are dropped."""
+                 max_shapes: int = 4, shape_scale: tuple[float, float] = (0.08, 0.2), min_object_pixels: int = 8,
+                 with_masks: bool = False, **kwargs: Any) -> None:
+        """``num_samples`` scenes of ``min_shapes``..``max_shapes`` shapes of circumradius in ``shape_scale``
+        (fractions of the image size); shapes with fewer than ``min_object_pixels`` visible pixels
+        (occluded) are dropped."""
         kwargs.setdefault("img_size", 128)
         super().__init__(with_masks=with_masks, **kwargs)
-        if num_samples < 3:
-            raise ValueError(f"num_samples must be at least 3 (one per split), got {num_samples}")
         if min_object_pixels < 1:
             raise ValueError(f"min_object_pixels must be at least 1, got {min_object_pixels}")
-        self.num_samples = num_samples
-        self.render_size = render_size or self.img_size
-        self.min_shapes, self.max_shapes = min_shapes, max_shapes
+        self.init_scenes(num_samples, render_size, min_shapes=min_shapes, max_shapes=max_shapes, shape_scale=shape_scale)
         self.min_object_pixels = min_object_pixels
-        render_scene(0, self.render_size, min_shapes=min_shapes, max_shapes=max_shapes)  # checks the arguments now
-
-    def num_items(self) -> int:
-        """Number of scenes."""
-        return self.num_samples
 
     @property
     def num_classes(self) -> int:
@@ -233,7 +226,7 @@ class ShapesDetectionDataModule(_DetectionDataModule):
 
     def make_dataset(self, indices: list[int], stage: str) -> Dataset:
         """Scenes ``indices`` for ``stage``."""
-        return _ShapesDetection(indices, self.render_size, self.seed, self.min_shapes, self.max_shapes,
+        return _ShapesDetection(indices, self.render_size, self.seed, self.scene_args,
                                 self.min_object_pixels, self.with_masks, stage == "fit", self.pipeline(stage))
 
 

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..backbone import IMAGENET_MEAN, IMAGENET_STD
-from .base import IMAGE_EXTENSIONS, SplitDataModule, read_image
+from .base import IMAGE_EXTENSIONS, GeneratedScenes, SplitDataModule, read_image
 from .shapes import SHAPE_NAMES, render_scene
 
 __all__ = [
@@ -152,10 +152,8 @@ def _to_sample(out: dict[str, np.ndarray], item_id: str) -> dict[str, Any]:
 class _ShapesSegmentation(Dataset):
     """Scene i with its per-pixel kind labels (rendered once, then kept: rendering costs more than a step's share)."""
 
-    def __init__(self, indices: list[int], size: int, seed: int, max_shapes: int, transform: A.Compose,
-                 shape_scale: tuple[float, float]) -> None:
-        self.indices, self.size, self.seed, self.max_shapes, self.transform = indices, size, seed, max_shapes, transform
-        self.shape_scale = shape_scale
+    def __init__(self, indices: list[int], size: int, seed: int, scene_args: dict[str, Any], transform: A.Compose) -> None:
+        self.indices, self.size, self.seed, self.scene_args, self.transform = indices, size, seed, scene_args, transform
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def __len__(self) -> int:
@@ -164,8 +162,7 @@ class _ShapesSegmentation(Dataset):
     def scene(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Image (H, W, 3) uint8 and mask (H, W) uint8 of item i."""
         if i not in self._cache:
-            s = render_scene(self.indices[i], self.size, seed=self.seed, max_shapes=self.max_shapes,
-                             shape_scale=self.shape_scale)
+            s = render_scene(self.indices[i], self.size, seed=self.seed, **self.scene_args)
             self._cache[i] = (s.image, s.semantic_mask().astype(np.uint8))
         return self._cache[i]
 
@@ -174,23 +171,16 @@ class _ShapesSegmentation(Dataset):
         return _to_sample(self.transform(image=image, mask=mask), f"scene{self.indices[i]}")
 
 
-class ShapesSegmentationDataModule(SplitDataModule):
+class ShapesSegmentationDataModule(GeneratedScenes, SplitDataModule):
     """Generated shapes scenes; every pixel is labelled with its shape's kind + 1, 0 is background."""
 
     def __init__(self, *, num_samples: int = 1000, render_size: int | None = None, max_shapes: int = 4,
                  shape_scale: tuple[float, float] = (0.08, 0.2), **kwargs: Any) -> None:
-        """``num_samples`` scenes in all, rendered at ``render_size`` (default img_size) with 1..max_shapes shapes."""
+        """``num_samples`` scenes in all, rendered at ``render_size`` (default img_size) with 1..max_shapes shapes
+        whose circumradius is drawn from ``shape_scale`` (fractions of the image size)."""
         kwargs.setdefault("img_size", 96)
         super().__init__(**kwargs)
-        if num_samples < 3:
-            raise ValueError(f"num_samples must be at least 3 (one per split), got {num_samples}")
-        self.num_samples = num_samples
-        self.render_size = render_size or self.img_size
-        self.max_shapes = max_shapes
-        self.shape_scale = tuple(shape_scale)
-
-    def num_items(self) -> int:
-        return self.num_samples
+        self.init_scenes(num_samples, render_size, max_shapes=max_shapes, shape_scale=shape_scale)
 
     @property
     def num_classes(self) -> int:
@@ -202,8 +192,8 @@ class ShapesSegmentationDataModule(SplitDataModule):
 
     def make_dataset(self, indices: list[int], stage: str) -> Dataset:
         train = stage == "fit" and self.augment
-        return _ShapesSegmentation(indices, self.render_size, self.seed, self.max_shapes,
-                                   segmentation_transforms(self.img_size, train), self.shape_scale)
+        return _ShapesSegmentation(indices, self.render_size, self.seed, self.scene_args,
+                                   segmentation_transforms(self.img_size, train))
 
 
 class _VOCSegmentation(Dataset):
