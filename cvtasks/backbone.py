@@ -11,6 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from .layers import check_input_side
 from .registry import get_backbone_entry
 
 __all__ = [
@@ -87,7 +88,7 @@ class Backbone(nn.Module):
     feature_info: list[FeatureInfo]
     # TorchScript compiles properties; these are Python-side descriptions only
     __jit_unused_properties__ = ["feature_names", "out_channels"]
-    __jit_ignored_attributes__ = ["feature_info"]
+    __jit_ignored_attributes__ = ["feature_info", "supported_output_strides", "output_stride"]
     #: keys of the reference state_dict that belong to the classifier head (prefixes)
     head_prefixes: tuple[str, ...] = ("fc.",)
     #: our key of the first convolution's weight (adapted when in_chans != 3)
@@ -192,6 +193,8 @@ class StagedBackbone(Backbone):
         super().__init__()
         self.stages = nn.ModuleDict()
         self._level_of_stage: dict[str, str] = {}
+        self.net_name = type(self).__name__
+        self.min_side = 0  # nets with unpadded layers set it (layers.min_input_side): smaller inputs are refused
 
     def _finish(self, levels: Sequence[tuple[str, str, int, int]], out_features: Iterable[str] | None) -> None:
         """Declare levels as (stage, feature name, channels, stride) and keep only what is asked for."""
@@ -210,6 +213,8 @@ class StagedBackbone(Backbone):
             del self.stages[name]
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
+        if self.min_side > 0:
+            check_input_side(self.net_name, x, self.min_side)
         out: dict[str, Tensor] = OrderedDict()
         for stage_name, stage in self.stages.items():
             x = stage(x)

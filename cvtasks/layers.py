@@ -12,6 +12,8 @@ from torch import Tensor, nn
 __all__ = [
     "conv_out_size",
     "receptive_field",
+    "min_input_side",
+    "check_input_side",
     "get_act_layer",
     "get_norm_layer",
     "ConvNormAct",
@@ -58,6 +60,38 @@ _ACTS: dict[str, Callable[..., nn.Module]] = {
     "hardswish": lambda: nn.Hardswish(inplace=True),
     "identity": nn.Identity,
 }
+
+
+def min_input_side(module: nn.Module) -> int:
+    """Smallest square input side for which every convolution and pooling of ``module``, in order, keeps a pixel."""
+    layers = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
+
+    def first(v: int | tuple[int, ...]) -> int:
+        return v if isinstance(v, int) else v[0]
+
+    side = 1
+    while True:
+        s = side
+        for m in layers:
+            s = conv_out_size(s, first(m.kernel_size), first(m.stride), first(m.padding), first(getattr(m, "dilation", 1)))
+            if s < 1:
+                break
+        else:
+            return side
+        side += 1
+
+
+def check_input_side(net: str, x: Tensor, min_side: int) -> None:
+    """Raise a clear error for an input too small to survive the net's unpadded layers and pools.
+
+    ``net`` names the net in the message (a string, so that TorchScript can compile the check).
+    """
+    h, w = x.shape[-2], x.shape[-1]
+    if h < min_side or w < min_side:
+        raise ValueError(
+            f"{net} needs inputs of at least {min_side}x{min_side} pixels, got {h}x{w}; "
+            f"resize or pad the images (or ask for shallower levels with out_features)"
+        )
 
 
 def get_act_layer(name: str | Callable[..., nn.Module] | None) -> Callable[..., nn.Module]:

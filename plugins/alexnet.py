@@ -21,7 +21,8 @@ from torch import Tensor, nn
 from cvtasks.backbone import StagedBackbone
 from cvtasks.layers import ConvNormAct, LocalResponseNorm
 from cvtasks.registry import register_backbone
-from plugins.vgg import FullyConnectedHead, check_input_side, min_input_side
+from cvtasks.layers import min_input_side
+from plugins.vgg import FullyConnectedHead
 
 __all__ = ["AlexNet"]
 
@@ -96,11 +97,6 @@ class AlexNet(StagedBackbone):
         levels = [("block1", "pool1", 64, 8), ("block2", "pool2", 192, 16), ("block3", "pool5", 256, 32)]
         self._finish(levels, out_features)
         self.min_side = min_input_side(self.stages)
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """The pool outputs asked for, fine to coarse."""
-        check_input_side(self, x, self.min_side)
-        return super().forward(x)
 
     def build_head(self, num_classes: int, dropout: float = 0.5) -> nn.Module:
         """torchvision's AlexNet classifier: 6x6 adaptive average pool, dropout before fc6 and fc7, fc8."""

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from cvtasks.backbone import StagedBackbone
 from cvtasks.layers import ConvNormAct, get_act_layer
 from cvtasks.registry import register_backbone
-from plugins.vgg import check_input_side, min_input_side
+from cvtasks.layers import min_input_side
 
 __all__ = ["LeNet5", "LeNetHead"]
 
@@ -98,11 +98,6 @@ class LeNet5(StagedBackbone):
         self.stages["c5"] = conv(16, 120)
         self._finish([("s2", "s2", 6, 2), ("s4", "s4", 16, 8), ("c5", "c5", 120, 32)], out_features)
         self.min_side = min_input_side(self.stages)
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """The levels asked for, fine to coarse."""
-        check_input_side(self, x, self.min_side)
-        return super().forward(x)
 
     def build_head(self, num_classes: int, dropout: float = 0.0) -> nn.Module:
         """F6 (84 units) and the output layer, as the paper (linear instead of RBF outputs)."""

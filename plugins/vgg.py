@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvtasks.backbone import StagedBackbone
-from cvtasks.layers import ConvNormAct, conv_out_size
+from cvtasks.layers import ConvNormAct, check_input_side, min_input_side
 from cvtasks.registry import register_backbone
 
-__all__ = ["VGG", "FullyConnectedHead", "VGG_CONFIGS", "min_input_side", "check_input_side"]
+__all__ = ["VGG", "FullyConnectedHead", "VGG_CONFIGS"]
 
 _PAPER = "Simonyan & Zisserman, Very Deep Convolutional Networks for Large-Scale Image Recognition, ICLR 2015"
 
@@ -75,41 +75,12 @@ class FullyConnectedHead(nn.Sequential):
         super().__init__(OrderedDict(layers))
         self.feature = feature
 
-    def forward(self, feats: Mapping[str, Tensor]) -> Tensor:  # type: ignore[override]
+    def forward(self, feats: dict[str, Tensor]) -> Tensor:  # type: ignore[override]
         """Logits from the level ``self.feature`` of a backbone's features dict."""
         x = feats[self.feature]
         for layer in self:
             x = layer(x)
         return x
-
-
-def min_input_side(module: nn.Module) -> int:
-    """Smallest square input side for which every convolution and pooling of ``module``, in order, keeps a pixel."""
-    layers = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
-
-    def first(v: int | tuple[int, ...]) -> int:
-        return v if isinstance(v, int) else v[0]
-
-    side = 1
-    while True:
-        s = side
-        for m in layers:
-            s = conv_out_size(s, first(m.kernel_size), first(m.stride), first(m.padding), first(getattr(m, "dilation", 1)))
-            if s < 1:
-                break
-        else:
-            return side
-        side += 1
-
-
-def check_input_side(model: nn.Module, x: Tensor, min_side: int) -> None:
-    """Raise a clear error for an input too small to survive the net's unpadded layers and pools."""
-    h, w = x.shape[-2:]
-    if h < min_side or w < min_side:
-        raise ValueError(
-            f"{type(model).__name__} needs inputs of at least {min_side}x{min_side} pixels, got {h}x{w}; "
-            f"resize or pad the images (or ask for shallower levels with out_features)"
-        )
 
 
 def _torchvision_layer_names(config: str, batch_norm: bool) -> Iterator[tuple[int, str]]:
@@ -185,11 +156,6 @@ class VGG(StagedBackbone):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        """The pool outputs asked for, fine to coarse (no pool indices: see ``forward_with_pool_indices``)."""
-        check_input_side(self, x, self.min_side)
-        return super().forward(x)
-
     def forward_with_pool_indices(
         self, x: Tensor
     ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, torch.Size]]]:
@@ -199,7 +165,7 @@ class VGG(StagedBackbone):
         were (SegNet, Badrinarayanan et al., 2017). The indices dict has every built pool, even
         levels left out of ``out_features``.
         """
-        check_input_side(self, x, self.min_side)
+        check_input_side(self.net_name, x, self.min_side)
         feats: dict[str, Tensor] = OrderedDict()
         indices: dict[str, tuple[Tensor, torch.Size]] = OrderedDict()
         for stage_name, stage in self.stages.items():

@@ -67,6 +67,12 @@ def test_rows_are_kept_between_runs(tmp_path, one_thread, monkeypatch):
     assert "no_such_net" not in out.read_text()  # rows of unregistered names are dropped
 
 
+@pytest.mark.parametrize("name,size", [("lenet5", 32), ("vgg11", 32), ("mobilenet_v2", 32), ("wrn40_4", 32)])
+def test_torchscript_compiles_the_nets(name, size, one_thread):
+    # the input-size check, the head's feature dict and class-level attributes all used to stop the compiler
+    assert backbone_docs._try(lambda: backbone_docs._torchscript(name, size)) == "yes"
+
+
 def test_reference_count_is_observed(one_thread):
     from cvtasks.registry import get_backbone_entry
 
