@@ -34,7 +34,7 @@ CLI_ARGS = --config configs/$(TASK).yaml \
 	$(if $(DATA),--config configs/data/$(TASK)_folder.yaml --data.root $(DATA)) \
 	$(if $(LOGGER),--config configs/logger/$(LOGGER).yaml) \
 	--model.backbone $(BACKBONE) \
-	$(if $(HEAD),--model.head $(HEAD)) \
+	$(if $(HEAD),--model.head $(HEAD) --model.head_kwargs null) \
 	$(if $(DETECTOR),--model.detector $(DETECTOR)) \
 	$(if $(ROI),--model.roi $(ROI)) \
 	$(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) \
@@ -63,7 +63,7 @@ help: ## show this help: targets, then variables with their defaults
 	@echo "  PRECISION=         32-true | 16-mixed | bf16-mixed"
 	@echo "  LOGGER=$(LOGGER)         wandb | csv | tensorboard"
 	@echo "  RUN=               run name: the folder runs/<RUN>/ (default: task-backbone-time)"
-	@echo "  HEAD=              segmentation head: fcn32s | fcn16s | fcn8s | deeplabv3 | unpool"
+	@echo "  HEAD=              segmentation head: fcn32s | fcn16s | fcn8s | deeplabv3 | unpool (resets the config's head_kwargs)"
 	@echo "  DETECTOR=          faster_rcnn | retinanet | ssd | fcos | yolo;  ROI=align | pool"
 	@echo "  NAME=              backbone name(s) for make check-backbone"
 	@echo "  INPUT=             folder of images for make predict"

@@ -163,3 +163,12 @@ def test_check_backbone_command(workdir: Path):
     proc = run_cli(["check-backbone", "resnet18"], workdir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "reference parity" in proc.stdout and "FAILED" not in proc.stdout
+
+
+def test_real_data_config_turns_augmentation_back_on(workdir):
+    # the shapes default switches augmentation off; a VOC folder given with DATA= must not inherit that
+    proc = run_cli(["fit", "--config", "configs/segmentation.yaml", "--config", "configs/data/segmentation_folder.yaml",
+                    "--data.root", "/some/voc", "--print_config"], workdir, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    data = proc.stdout[proc.stdout.index("\ndata:"):]
+    assert "VOCSegmentationDataModule" in data and "augment: true" in data

@@ -156,6 +156,12 @@ def test_unknown_head() -> None:
         build_segmentation_model("fcn4s", "_segtest_net", 3)
 
 
+def test_head_kwargs_the_head_does_not_take() -> None:
+    # e.g. the FCN config's {dropout: 0} left in place while --model.head switches to unpool
+    with pytest.raises(ValueError, match=r"head 'fcn8s' takes no \['dropuot'\].*'dropout'"):
+        build_segmentation_model("fcn8s", "_segtest_net", 3, head_kwargs={"dropuot": 0.0})
+
+
 def test_deeplab_asks_for_output_stride() -> None:
     m16 = build_segmentation_model("deeplabv3", "_segtest_net", 3, head_kwargs={"channels": 16})
     assert m16.backbone.feature_info[-1].stride == 16 and m16.head.aspp.rates == (6, 12, 18)

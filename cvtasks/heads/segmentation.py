@@ -15,6 +15,8 @@ never from its name, and returns class scores at the input's size for any input 
 
 from __future__ import annotations
 
+import inspect
+
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -335,6 +337,11 @@ def build_segmentation_head(name: str, backbone: Backbone, num_classes: int, **k
     clash = sorted(set(kw) & set(spec.fixed))
     if clash:
         raise ValueError(f"head {name!r} fixes {clash}; pick another head name instead of passing them")
+    params = inspect.signature(spec.cls).parameters
+    valid = [p for p in params if p not in ("backbone", "num_classes", "backbone_name", *spec.fixed)]
+    unknown = sorted(k for k in kw if k not in params)
+    if unknown:
+        raise ValueError(f"head {name!r} takes no {unknown} (from --model.head_kwargs); it takes {valid}")
     return spec.cls(backbone, num_classes, **spec.fixed, **kw)
 
 
