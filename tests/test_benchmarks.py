@@ -92,3 +92,13 @@ def test_interleaved_runs_each_side_alike():
     ta, tb = timing.interleaved(lambda: calls.append("a"), lambda: calls.append("b"), repeats=4, warmup=1)
     assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
     assert ta >= 0 and tb >= 0
+
+
+def test_segmentation_ceiling_falls_with_the_stride():
+    from benchmarks.segmentation_ceiling import ceiling
+
+    exact, per_class = ceiling(32, 1, scenes=4)
+    assert exact == pytest.approx(1.0) and len(per_class) == 6
+    coarse, _ = ceiling(32, 8, scenes=4)
+    finer, _ = ceiling(64, 8, scenes=4)  # same scenes, twice the pixels per shape
+    assert coarse < finer < 1.0
