@@ -122,6 +122,7 @@ def observe(name: str, with_compile: bool) -> dict[str, Any]:
     """Every column of one backbone's row, observed now."""
     entry = get_backbone_entry(name)
     size = max(entry.min_input_size, 32)
+    native = entry.input_size  # exports and layouts are checked where the net is used: at its own size
     row: dict[str, Any] = {"name": name, "family": entry.family, "paper": entry.paper, "reference": entry.reference or "-"}
     try:
         m = measure_backbone(name, entry.input_size)
@@ -136,10 +137,10 @@ def observe(name: str, with_compile: bool) -> dict[str, Any]:
     row["classification step"] = _try(lambda: _train_step(name, size))
     row["segmentation step"] = _try(lambda: _segmentation_step(name, max(size, 64)))
     row["detection step"] = _try(lambda: _detection_step(name, max(size, 128)))
-    row["channels_last"] = _try(lambda: _channels_last(name, size))
-    row["TorchScript"] = _try(lambda: _torchscript(name, size))
-    row["ONNX"] = _try(lambda: _onnx(name, size))
-    row["torch.compile"] = _try(lambda: _compile(name, size)) if with_compile else "not run"
+    row["channels_last"] = _try(lambda: _channels_last(name, native))
+    row["TorchScript"] = _try(lambda: _torchscript(name, native))
+    row["ONNX"] = _try(lambda: _onnx(name, native))
+    row["torch.compile"] = _try(lambda: _compile(name, native)) if with_compile else "not run"
     return row
 
 
@@ -158,7 +159,9 @@ def render(rows: list[dict[str, Any]], missing: list[str] = ()) -> str:
         "reference implementation with random weights, saved and loaded into ours, gives the same logits",
         "(1e-4 relative) and parameter count. The training-step columns run one step of each task at the",
         "net's smallest input (classification), 64 px (segmentation: FCN-8s where the net has the",
-        "stride-8/16/32 levels, else DeepLabV3) and 128 px (detection: Faster R-CNN on an FPN neck).",
+        "stride-8/16/32 levels, else DeepLabV3) and 128 px (detection: Faster R-CNN on an FPN neck);",
+        "channels_last, TorchScript and torch.compile must reproduce the eager logits at the native size, and",
+        "torch.onnx.export (TorchScript-based exporter) must write the model there.",
         "",
         "| name | family | parameters | reference's / published parameters | GFLOPs | native px | levels (name:channels@stride) | reference | paper |",
         "|---|---|---|---|---|---|---|---|---|",
