@@ -18,17 +18,16 @@ from typing import Iterable, Mapping
 from torch import Tensor, nn
 
 from cvtasks.backbone import StagedBackbone
-from cvtasks.layers import ConvNormAct, make_divisible
-from cvtasks.registry import register_backbone
-from plugins.mobilenet import (
-    LEVEL_OF_ROW,
+from cvtasks.layers import (
     SUPPORTED_OUTPUT_STRIDES,
+    ConvNormAct,
     InvertedResidual,
-    assemble_levels,
     check_output_stride,
     dilation_plan,
-    map_block_key,
+    make_divisible,
 )
+from cvtasks.registry import register_backbone
+from plugins.mobilenet import LEVEL_OF_ROW, assemble_levels, map_block_key
 
 __all__ = ["EfficientNet", "StageSpec", "scale_stages", "VARIANTS"]
 

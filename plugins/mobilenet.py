@@ -5,105 +5,30 @@ depthwise 3x3 convolution and projects it back with a *linear* 1x1 convolution: 
 the narrow output, because ReLU on a low-dimensional manifold destroys information (Sec. 3.2).
 The residual connection joins the narrow ends, the inverse of ResNet's bottleneck.
 
-The block (``InvertedResidual``) and the output-stride planner (``dilation_plan``) are also used
-by EfficientNet, whose MBConv is this block with squeeze-and-excitation and SiLU.
+The block (``cvtasks.layers.InvertedResidual``) is also EfficientNet's MBConv (with
+squeeze-and-excitation and SiLU); both dilate by ``cvtasks.layers.dilation_plan``.
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from torch import Tensor, nn
 
 from cvtasks.backbone import StagedBackbone
-from cvtasks.layers import ConvNormAct, DropPath, SqueezeExcite, make_divisible
+from cvtasks.layers import (
+    SUPPORTED_OUTPUT_STRIDES,
+    ConvNormAct,
+    InvertedResidual,
+    check_output_stride,
+    dilation_plan,
+    make_divisible,
+)
 from cvtasks.registry import register_backbone
 
-__all__ = ["InvertedResidual", "MobileNetV2", "dilation_plan", "check_output_stride", "map_block_key",
-           "init_weights", "assemble_levels", "LEVEL_OF_ROW"]
-
-SUPPORTED_OUTPUT_STRIDES = (8, 16, 32)
-
-
-def check_output_stride(output_stride: int, family: str) -> None:
-    """Raise a ValueError naming the valid values when ``output_stride`` is not 8, 16 or 32."""
-    if output_stride not in SUPPORTED_OUTPUT_STRIDES:
-        raise ValueError(
-            f"{family}: output_stride={output_stride!r} is not supported; pass one of "
-            f"{SUPPORTED_OUTPUT_STRIDES} (8 and 16 replace the last strides by dilation)"
-        )
-
-
-def dilation_plan(strides: Sequence[int], output_stride: int) -> list[tuple[int, int]]:
-    """(stride, dilation) for each layer so that the total stride stops at ``output_stride``.
-
-    A stride that would take the net past ``output_stride`` becomes 1 and every later layer is
-    dilated by it instead (DeepLab's atrous trick, Chen et al. 2017). The layer that loses its
-    stride keeps the dilation it had, as it still works at the finer resolution of its input.
-    """
-    plan: list[tuple[int, int]] = []
-    current, dilation = 1, 1
-    for s in strides:
-        if current * s > output_stride:
-            plan.append((1, dilation))
-            dilation *= s
-        else:
-            plan.append((s, dilation))
-            current *= s
-    return plan
-
-
-class InvertedResidual(nn.Module):
-    """Expand 1x1 -> depthwise kxk -> (squeeze-excite) -> linear 1x1 projection, plus identity when shapes agree.
-
-    ``expand_channels == in_channels`` skips the expansion (MobileNetV2's t = 1). ``se_channels``
-    > 0 adds squeeze-and-excitation after the depthwise convolution (EfficientNet's MBConv).
-    ``residual`` says whether the block would keep its shape at its natural stride, so that a
-    block whose stride was replaced by dilation keeps the layout (and weights) of the original.
-    """
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        *,
-        expand_channels: int,
-        residual: bool,
-        kernel_size: int = 3,
-        stride: int = 1,
-        dilation: int = 1,
-        act: str = "relu6",
-        se_channels: int = 0,
-        drop_path: float = 0.0,
-        norm: str | Callable[[int], nn.Module] = "bn",
-    ) -> None:
-        super().__init__()
-        self.expand = (
-            ConvNormAct(in_channels, expand_channels, 1, norm=norm, act=act)
-            if expand_channels != in_channels
-            else None
-        )
-        self.dw = ConvNormAct(expand_channels, expand_channels, kernel_size, stride, dilation=dilation,
-                              groups=expand_channels, norm=norm, act=act)
-        self.se = SqueezeExcite(expand_channels, rd_channels=se_channels, act="silu") if se_channels else None
-        self.project = ConvNormAct(expand_channels, out_channels, 1, norm=norm, act=None)
-        self.residual = residual
-        self.drop_path = DropPath(drop_path) if residual and drop_path > 0 else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = x if self.expand is None else self.expand(x)
-        out = self.dw(out)
-        if self.se is not None:
-            out = self.se(out)
-        out = self.project(out)
-        if self.residual:
-            if self.drop_path is not None:
-                out = self.drop_path(out)
-            out += x  # in place on the projection's BN output, as the references do
-        return out
-
+__all__ = ["MobileNetV2", "map_block_key", "init_weights", "assemble_levels", "LEVEL_OF_ROW"]
 
 # t (expansion), c (channels), n (repeats), s (stride of the first repeat): Sandler et al., Table 2
 _SETTING: tuple[tuple[int, int, int, int], ...] = (

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvtasks.backbone import Backbone, FeatureInfo
+from cvtasks.layers import DropPath, transformer_mlp
 from cvtasks.registry import register_backbone
-from plugins.vit import transformer_mlp
 
 __all__ = ["SwinTransformer", "SwinHead", "WindowAttention", "SWIN_VARIANTS"]
 
@@ -43,31 +43,6 @@ SWIN_VARIANTS: dict[str, dict] = {
     "swin_s": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), stochastic_depth_prob=0.3),
     "swin_b": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), stochastic_depth_prob=0.5),
 }
-
-
-class StochasticDepth(nn.Module):
-    """Drop a residual branch per sample with probability ``p`` while training (Huang et al., 2016).
-
-    The survivors' mask is rescaled before it meets the activations, so the full-size tensor is
-    touched once (torchvision's order; ``cvtasks.layers.DropPath`` multiplies, then divides).
-    """
-
-    def __init__(self, p: float = 0.0) -> None:
-        super().__init__()
-        self.p = p
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``x``, or ``x`` with whole samples zeroed and the rest rescaled (training only)."""
-        if not self.training or self.p == 0.0:
-            return x
-        keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        if keep > 0.0:
-            mask.div_(keep)
-        return x * mask
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
 
 
 class ToChannelsLast(nn.Module):
@@ -189,7 +164,7 @@ class SwinBlock(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, num_heads, window_size, shift_size, attention_dropout, dropout)
-        self.stochastic_depth = StochasticDepth(stochastic_depth_prob)
+        self.stochastic_depth = DropPath(stochastic_depth_prob)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = transformer_mlp(dim, int(dim * mlp_ratio), dropout)
 

@@ -34,9 +34,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvtasks.backbone import Backbone, FeatureInfo
+from cvtasks.layers import transformer_mlp
 from cvtasks.registry import register_backbone
 
-__all__ = ["VisionTransformer", "ClassTokenHead", "transformer_mlp", "resize_pos_embedding", "VIT_VARIANTS"]
+__all__ = ["VisionTransformer", "ClassTokenHead", "resize_pos_embedding", "VIT_VARIANTS"]
 
 _PAPER = (
     "Dosovitskiy et al., An Image is Worth 16x16 Words: Transformers for Image Recognition at Scale, ICLR 2021"
@@ -50,17 +51,6 @@ VIT_VARIANTS: dict[str, dict[str, int]] = {
 
 # the paper's LayerNorm epsilon (torchvision and the JAX original use 1e-6)
 _LayerNorm = partial(nn.LayerNorm, eps=1e-6)
-
-
-def transformer_mlp(dim: int, hidden_dim: int, dropout: float = 0.0) -> nn.Sequential:
-    """The transformer MLP: Linear, GELU, Dropout, Linear, Dropout (indices 0 and 3 hold weights)."""
-    return nn.Sequential(
-        nn.Linear(dim, hidden_dim),
-        nn.GELU(),
-        nn.Dropout(dropout),
-        nn.Linear(hidden_dim, dim),
-        nn.Dropout(dropout),
-    )
 
 
 def resize_pos_embedding(pos: Tensor, grid: tuple[int, int]) -> Tensor:

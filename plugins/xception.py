@@ -22,9 +22,8 @@ from typing import Iterable, Mapping
 from torch import Tensor, nn
 
 from cvtasks.backbone import StagedBackbone
-from cvtasks.layers import DepthwiseSeparableConv
+from cvtasks.layers import SUPPORTED_OUTPUT_STRIDES, DepthwiseSeparableConv, check_output_stride, dilation_plan
 from cvtasks.registry import register_backbone
-from plugins.mobilenet import SUPPORTED_OUTPUT_STRIDES, check_output_stride, dilation_plan
 
 __all__ = ["Xception", "XceptionBlock", "separable_conv"]
 

@@ -10,7 +10,7 @@ from torch import nn
 from cvtasks.backbone import create_classifier
 from cvtasks.checks import check_backbone, check_parity, count_parameters
 from cvtasks.registry import create_backbone
-from plugins.mobilenet import InvertedResidual, dilation_plan
+from cvtasks.layers import InvertedResidual, dilation_plan
 from plugins.xception import XceptionBlock, separable_conv
 
 NAMES = ["xception", "mobilenet_v2"]
