@@ -11,6 +11,9 @@ import argparse
 import io
 import json
 import platform
+import re
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -48,6 +51,20 @@ def _channels_last(name: str, size: int) -> None:
 
 
 def _torchscript(name: str, size: int) -> None:
+    """Script the classifier and compare logits, in a fresh interpreter: TorchScript keeps compiled
+    classes per process, so a net scripted after another can fail on the other's leftovers."""
+    code = f"from benchmarks.backbone_docs import _torchscript_here as t; t({name!r}, {size})"
+    proc = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True)
+    if proc.returncode:
+        lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
+        at = [i for i, ln in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception):", ln)]
+        if not at:
+            raise RuntimeError(f"exit code {proc.returncode}")
+        message = lines[at[-1]].split(":", 1)[1].strip() or " ".join(lines[at[-1] + 1 : at[-1] + 2])
+        raise RuntimeError(message)
+
+
+def _torchscript_here(name: str, size: int) -> None:
     model = create_classifier(name, num_classes=10).eval()
     scripted = torch.jit.script(model)
     x = torch.randn(1, 3, size, size)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cvtasks.backbone import create_classifier
-from cvtasks.checks import build_reference
+from cvtasks.checks import build_reference, num_classes_of
 from cvtasks.registry import get_backbone_entry, list_backbones
 
 from .timing import interleaved
@@ -30,7 +30,7 @@ def bench_backbone(name: str, size: int | None, batch: int, repeats: int, device
         ref = build_reference(entry)
     except Exception:
         return None
-    num_classes = [m for m in ref.modules() if isinstance(m, torch.nn.Linear)][-1].out_features
+    num_classes = num_classes_of(ref)
     ours = create_classifier(name, num_classes=num_classes)
     size = size or entry.input_size
     size = max(size, entry.min_input_size)

@@ -169,7 +169,7 @@ def check_parity(name: str, size: int | None = None, rtol: float = 1e-4) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "reference.pt"
         torch.save(ref.state_dict(), path)
-        num_classes = _num_classes(ref)
+        num_classes = num_classes_of(ref)
         ours = create_classifier(name, num_classes=num_classes, pretrained=str(path)).eval()
     n_ref, n_ours = count_parameters(ref), count_parameters(ours)
     if n_ref != n_ours:
@@ -186,7 +186,8 @@ def check_parity(name: str, size: int | None = None, rtol: float = 1e-4) -> str:
     return f"ok ({n_ours:,} parameters, max rel. error {err:.1e})"
 
 
-def _num_classes(model: nn.Module) -> int:
+def num_classes_of(model: nn.Module) -> int:
+    """Class count of a reference classifier: its last linear layer, else its last convolution (timm 1x1 heads)."""
     last = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if last:
         return last[-1].out_features
