@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--pattern", default=None, help="backbone names (shell pattern); default: every one with a reference")
     ap.add_argument("--size", type=int, default=128, help="input size (0: each net's native size)")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=11, help="timed runs per side (5 left +-8%% noise on 2 cores)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--channels-last", action="store_true")
     ns = ap.parse_args(argv)
