@@ -116,7 +116,7 @@ bench: $(STAMP) ## side-by-side benchmarks: native backbones vs reference, Light
 	$(PY) -m benchmarks $(ARGS)
 
 docs: $(STAMP) ## regenerate docs/backbones.md from what the checks observe
-	$(PY) -m benchmarks.backbone_docs $(ARGS)
+	$(PY) -m benchmarks.backbone_docs --compile $(ARGS)
 
 clean: ## remove runs/, caches (keeps .venv)
 	rm -rf runs lightning_logs wandb .pytest_cache
