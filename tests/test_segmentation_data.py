@@ -36,8 +36,9 @@ def _painted(h: int = 80, w: int = 100, seed: int = 0) -> tuple[np.ndarray, np.n
 
 
 def _interior(mask: np.ndarray) -> np.ndarray:
-    """Pixels whose 5x5 neighbourhood has one label (away from edges, where interpolation blends)."""
-    pad = np.pad(mask.astype(np.int32), 2, mode="edge")
+    """Pixels whose 5x5 neighbourhood has one label and lies inside the image: away from label edges
+    and from the image border, where a rotation's linear interpolation blends in the black fill."""
+    pad = np.pad(mask.astype(np.int32), 2, mode="constant", constant_values=-1)
     same = np.ones(mask.shape, dtype=bool)
     for dy in range(5):
         for dx in range(5):
@@ -48,9 +49,9 @@ def _interior(mask: np.ndarray) -> np.ndarray:
 def test_train_transforms_keep_image_and_mask_aligned() -> None:
     t = segmentation_transforms(64, train=True, colour=False, normalize=False)
     checked = 0
-    for seed in range(20):
-        image, mask = _painted(seed=seed)
-        np.random.seed(seed)
+    for seed in range(400):  # 400 draws: a misalignment in 1 of 100 random draws must show
+        image, mask = _painted(seed=seed % 20)
+        t.set_random_seed(seed)  # albumentations 2 draws from its own generator, not numpy's
         out = t(image=image, mask=mask)
         img, m = out["image"], out["mask"]
         assert img.shape == (64, 64, 3) and m.shape == (64, 64)
@@ -58,7 +59,7 @@ def test_train_transforms_keep_image_and_mask_aligned() -> None:
         diff = np.abs(img[inside].astype(int) - COLOURS[m[inside]].astype(int)).max(axis=1)
         assert (diff <= 10).mean() > 0.99, f"seed {seed}: image colours do not match mask labels"
         checked += int(inside.sum())
-    assert checked > 20 * 1000
+    assert checked > 400 * 1000
 
 
 def test_interpolation_never_invents_labels_and_rotation_fills_ignore() -> None:
