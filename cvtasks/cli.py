@@ -59,7 +59,7 @@ class StepCheckpoint(Callback):
         if self.every_n_steps <= 0 or trainer.global_step == 0 or trainer.global_step % self.every_n_steps:
             return
         tmp = self.dirpath / "last.ckpt.tmp"
-        trainer.save_checkpoint(tmp)
+        trainer.save_checkpoint(tmp, weights_only=False)  # the full state: resume needs the optimiser
         if trainer.is_global_zero:  # rename so that last.ckpt is never half-written
             os.replace(tmp, self.dirpath / "last.ckpt")
         trainer.strategy.barrier()
@@ -122,11 +122,26 @@ class CvtasksCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        """Where a config is given, the checkpoint's saved hyperparameters are not laid over it.
+
+        Lightning would overwrite the parsed model arguments with those saved at fit time, so a
+        ``--model.*`` flag given to predict/validate/test (say ``draw_score_threshold``) would be
+        silently ignored. A run's config.yaml already holds the same hyperparameters; with it (or
+        any config) the command line wins as everywhere else. A bare ``--ckpt_path`` keeps
+        Lightning's behaviour.
+        """
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("config"):
+            return
+        super()._parse_ckpt_path()
+
     # -- before anything is built --------------------------------------------------------------
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand]
         model_args = cfg.model.init_args
         get_backbone_entry(model_args.backbone)  # an unknown name stops here, before any data is built
+        self._follow_image_size(cfg)
         ckpt = cfg.get("ckpt_path")
         run_name = cfg.run_name
         if not run_name and ckpt and Path(ckpt).parent.name == "checkpoints":
@@ -138,6 +153,24 @@ class CvtasksCLI(LightningCLI):
         self.run_dir = Path(cfg.runs_dir) / run_name
         cfg.trainer.default_root_dir = str(self.run_dir)
         self._configure_loggers(cfg)
+
+    @staticmethod
+    def _follow_image_size(cfg: Any) -> None:
+        """A detector's ``min_size``/``max_size`` left null take the data's ``img_size``.
+
+        The data letterboxes to img_size; a detector resizing to anything else would only blur or
+        waste pixels, and IMG= or a real-data config changing the one must change the other.
+        """
+        model_args = cfg.model.init_args
+        if "min_size" not in model_args or model_args.min_size is not None:
+            return
+        img_size = (cfg.data.init_args or {}).get("img_size") if cfg.get("data") else None
+        if not img_size:
+            raise ValueError("model.min_size is null (follow the data) but the data has no img_size; "
+                             "give --model.min_size <pixels>")
+        model_args.min_size = int(img_size)
+        if model_args.get("max_size") is None:
+            model_args.max_size = int(img_size)
 
     def _configure_loggers(self, cfg: Any) -> None:
         loggers = cfg.trainer.logger

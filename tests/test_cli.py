@@ -61,6 +61,12 @@ def test_fit_writes_run_folder_and_metrics(workdir: Path):
     assert all(r["class"] in ("circle", "square", "triangle", "star", "hexagon") and 0 <= r["score"] <= 1 for r in records)
     assert (run / "predictions" / "predictions.csv").read_text().startswith("path,label,class,score")
 
+    # a --model.* flag reaches the model instead of losing to the value saved in the checkpoint
+    # (Lightning lays the checkpoint's hyperparameters over the config): this one is out of range
+    proc = run_cli(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+                    "--data.predict_dir", str(images), "--model.label_smoothing", "1.5"], workdir)
+    assert proc.returncode == 2 and "label_smoothing must be in [0, 1), got 1.5" in proc.stderr, proc.stderr[-3000:]
+
 
 @pytest.mark.parametrize(
     "args,expected",
@@ -172,3 +178,55 @@ def test_real_data_config_turns_augmentation_back_on(workdir):
     assert proc.returncode == 0, proc.stderr
     data = proc.stdout[proc.stdout.index("\ndata:"):]
     assert "VOCSegmentationDataModule" in data and "augment: true" in data
+
+
+@pytest.mark.slow
+def test_coco_folder_trains_and_predicts_with_its_own_category_ids(workdir: Path):
+    # the user's path for real instance data: DATA=<COCO folder>, then predict on its images
+    from test_detection_data import _coco_folder
+
+    root = _coco_folder(workdir / "coco", extra_images=4)
+    run = workdir / "runs" / "coco"
+    proc = run_cli(["fit", "--config", "configs/instance_segmentation.yaml",
+                    "--config", "configs/data/instance_segmentation_folder.yaml", "--data.root", str(root),
+                    "--config", "configs/logger/csv.yaml", "--data.img_size", "64", "--data.batch_size", "2",
+                    "--data.split", "[0.5, 0.25, 0.25]", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
+                    "--trainer.enable_model_summary", "false", "--run_name", "coco"], workdir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"test/map_50", "test/segm_map_50", "val/ap_nine", "val/segm_ap_three"} <= set(metrics)
+    model = yaml.safe_load((run / "config.yaml").read_text())["model"]["init_args"]
+    assert model["min_size"] == model["max_size"] == 64  # left null in the config: the data's img_size
+
+    # one epoch on noise scores everything below torchvision's 0.05: a flag lowers the threshold
+    proc = run_cli(["predict", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "best.ckpt"),
+                    "--data.predict_dir", str(root / "images"),
+                    "--model.detector_kwargs", "{mask_layers: 2, box_score_thresh: 0.0}"], workdir)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = run / "predictions"
+    assert sorted(p.name for p in out.glob("*.png")) == [f"im{i}.png" for i in range(8)]
+    results = json.loads((out / "predictions.json").read_text())
+    assert results and {r["category_id"] for r in results} == {3, 9}  # the file's ids, not labels
+    assert all(len(r["bbox"]) == 4 and r["segmentation"]["size"] for r in results)
+
+
+def test_detector_size_follows_the_data_unless_given():
+    from jsonargparse import Namespace
+
+    from cvtasks.cli import CvtasksCLI
+
+    def cfg(min_size, max_size, img_size):
+        return Namespace(model=Namespace(init_args=Namespace(min_size=min_size, max_size=max_size)),
+                         data=Namespace(init_args={"img_size": img_size}))
+
+    c = cfg(None, None, 512)
+    CvtasksCLI._follow_image_size(c)
+    assert (c.model.init_args.min_size, c.model.init_args.max_size) == (512, 512)
+    c = cfg(None, 700, 512)
+    CvtasksCLI._follow_image_size(c)
+    assert (c.model.init_args.min_size, c.model.init_args.max_size) == (512, 700)
+    c = cfg(96, None, 512)  # given: kept
+    CvtasksCLI._follow_image_size(c)
+    assert (c.model.init_args.min_size, c.model.init_args.max_size) == (96, None)
+    with pytest.raises(ValueError, match="--model.min_size"):
+        CvtasksCLI._follow_image_size(cfg(None, None, None))

@@ -49,6 +49,8 @@ def test_task_builds_from_names_and_rejects_wrong_detector() -> None:
         _task(InstanceSegmentationTask, detector="yolo")
     with pytest.raises(ValueError, match="unknown roi"):
         _task(roi="crop")
+    with pytest.raises(ValueError, match="needs min_size"):  # null in a config is the CLI's to fill
+        _task(min_size=None)
 
 def test_training_step_and_non_finite_loss_names_the_images(monkeypatch: pytest.MonkeyPatch) -> None:
     task = _task()

@@ -70,7 +70,8 @@ class DetectionTask(BaseTask):
 
     ``detector``: faster_rcnn | retinanet | ssd | fcos | yolo. ``roi``: align (RoIAlign) or pool
     (RoIPool) for Faster R-CNN. ``min_size``/``max_size``: the detector's resize bounds (set to the
-    data's image size so nothing is resized). ``neck_channels``: width of the feature pyramid.
+    data's image size so nothing is resized; the CLI does so where the config leaves them null).
+    ``neck_channels``: width of the feature pyramid.
     ``detector_kwargs``: anything else build_detector / the torchvision detector takes.
     ``draw_score_threshold``: the lowest score drawn on logged and predicted images.
     """
@@ -86,7 +87,7 @@ class DetectionTask(BaseTask):
         *,
         detector: str = "faster_rcnn",
         roi: str = "align",
-        min_size: int = 128,
+        min_size: int | None = 128,
         max_size: int | None = None,
         neck_channels: int = 128,
         detector_kwargs: dict[str, Any] | None = None,
@@ -102,6 +103,8 @@ class DetectionTask(BaseTask):
             )
         if roi not in ROI_POOLERS:
             raise ValueError(f"unknown roi {roi!r}; choose 'align' (RoIAlign) or 'pool' (RoIPool)")
+        if min_size is None:  # the CLI fills it from data.img_size; built by hand it must be given
+            raise ValueError(f"{type(self).__name__} needs min_size: the data's image size in pixels")
         self.draw_score_threshold = draw_score_threshold
         self.with_masks = "segm" in self.iou_types
         self.model = build_detector(
