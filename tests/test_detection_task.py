@@ -152,3 +152,41 @@ def test_predict_writes_drawn_images_and_coco_results(cls: type, tmp_path: Path)
     task._trainer = SimpleNamespace(datamodule=SimpleNamespace(category_ids=[7, 9, 11]))
     task.save_predictions(records, out)
     assert json.loads((out / "predictions.json").read_text())[0]["category_id"] == 11
+
+class WandbLogger:  # named like Lightning's so log_images takes the W&B path; records what is logged
+    def __init__(self) -> None:
+        self.logged: list[dict] = []
+        self.experiment = SimpleNamespace(log=self.logged.append)
+
+@pytest.mark.parametrize("cls", [DetectionTask, InstanceSegmentationTask])
+def test_validation_images_reach_wandb_with_named_boxes(cls: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wandb
+
+    made: list[dict] = []
+    real_image = wandb.Image
+
+    def image(arr: np.ndarray, **kw: object) -> object:
+        made.append({"arr": arr, **kw})
+        return real_image(arr, **kw)  # wandb itself checks the box and mask format
+
+    monkeypatch.setattr(wandb, "Image", image)
+    logger = WandbLogger()
+    monkeypatch.setattr(cls, "loggers", property(lambda self: [logger]))
+    task = _task(cls, draw_score_threshold=0.5)
+    images, targets = _batch(masks=True)
+    images = [torch.zeros(3, S, S)] * 2
+    pred = {"boxes": torch.tensor([[4.0, 6.0, 30.0, 28.0], [1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([0, 1]),
+            "scores": torch.tensor([0.9, 0.2]), "masks": targets[0]["masks"][:, None].float()}
+    task._log_samples(images, [pred, pred], targets)
+
+    assert len(logger.logged) == 1 and len(logger.logged[0]["val/detections"]) == 2
+    boxes = made[0]["boxes"]
+    shown = boxes["prediction"]["box_data"]
+    assert [b["box_caption"] for b in shown] == ["circle 0.90"]  # the 0.2 box is under the threshold
+    assert shown[0]["position"] == {"minX": 4.0, "minY": 6.0, "maxX": 30.0, "maxY": 28.0}
+    assert [b["box_caption"] for b in boxes["ground_truth"]["box_data"]] == ["circle", "triangle"]
+    assert boxes["prediction"]["class_labels"] == {0: "circle", 1: "square", 2: "triangle"}
+    # instance masks are painted into the picture; plain detection leaves the (black) image alone
+    painted = made[0]["arr"][6:28, 4:30].any()
+    assert painted == (cls is InstanceSegmentationTask)
+    assert not made[0]["arr"][40:, :30].any()
