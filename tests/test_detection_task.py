@@ -173,8 +173,8 @@ def test_validation_images_reach_wandb_with_named_boxes(cls: type, monkeypatch: 
     logger = WandbLogger()
     monkeypatch.setattr(cls, "loggers", property(lambda self: [logger]))
     task = _task(cls, draw_score_threshold=0.5)
-    images, targets = _batch(masks=True)
-    images = [torch.zeros(3, S, S)] * 2
+    _, targets = _batch(masks=True)
+    images = [torch.zeros(3, S, S)] * 2  # black, so whatever is painted shows
     pred = {"boxes": torch.tensor([[4.0, 6.0, 30.0, 28.0], [1.0, 1.0, 9.0, 9.0]]), "labels": torch.tensor([0, 1]),
             "scores": torch.tensor([0.9, 0.2]), "masks": targets[0]["masks"][:, None].float()}
     task._log_samples(images, [pred, pred], targets)
