@@ -75,15 +75,15 @@ class PredictionSaver(BasePredictionWriter):
 
     def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any], batch_indices: Any) -> None:
         records = [r for batch in predictions for r in batch]
-        if trainer.world_size > 1:
+        if trainer.world_size > 1:  # each rank predicted its own share of the images (no padding): gather them once
             gathered: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, records)
             records = [r for part in gathered for r in part]
         if trainer.is_global_zero:
-            seen: set[str] = set()
-            unique = [r for r in records if not (r["path"] in seen or seen.add(r["path"]))]
-            self.written = pl_module.save_predictions(unique, self.out_dir)
-            print(f"wrote predictions for {len(unique)} images to {self.out_dir}")
+            # the folder's order, as one process would write it (ranks take every N-th image)
+            records.sort(key=lambda r: str(r["path"]))
+            self.written = pl_module.save_predictions(records, self.out_dir)
+            print(f"wrote predictions for {len(records)} images to {self.out_dir}")
 
 
 def metrics_table(metrics: dict[str, float]) -> str:
@@ -220,37 +220,29 @@ class CvtasksCLI(LightningCLI):
         # ours go in before the Trainer is built, so it adds no default ModelCheckpoint of its own
         return super()._instantiate_trainer(config, [*callbacks, *getattr(self, "_own_callbacks", [])])
 
-    # -- after fit: one clean evaluation of the best checkpoint ---------------------------------
+    # -- after fit: one evaluation of the best checkpoint, on every process of the fit -----------
     def after_fit(self) -> None:
         trainer: Trainer = self.trainer
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every rank leaves the group together; rank 0 then evaluates alone, with unsynchronised metrics
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-        if not trainer.is_global_zero:
-            return
         if trainer.interrupted:
-            print(f"run interrupted; continue it with: make resume RUN={self.run_dir.name}")
+            if trainer.is_global_zero:
+                print(f"run interrupted; continue it with: make resume RUN={self.run_dir.name}")
             return
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         ckpt = best if best and Path(best).is_file() else None
-        # a single-device trainer so every sample counts once (DDP's sampler pads with repeats)
-        evaluator = Trainer(
-            accelerator=trainer.accelerator,
-            devices=1,
-            precision=trainer.precision,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=False,
-            default_root_dir=str(self.run_dir),
-        )
-        metrics: dict[str, float] = {}
-        for fn in (evaluator.validate, evaluator.test):
-            results = fn(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
-            for res in results:
-                metrics.update({k: float(v) for k, v in res.items()})
         train_metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/") and torch.as_tensor(v).numel() == 1}
+        # The fit's own trainer, so N devices evaluate as fast as they trained; the evaluation
+        # samplers give each image to exactly one process, so the figures equal one process's.
+        # Its loggers are held back: the best checkpoint's figures go out once, as final/...
+        loggers, trainer.loggers = trainer.loggers, []
+        metrics: dict[str, float] = {}
+        try:
+            for fn in (trainer.validate, trainer.test):
+                for res in fn(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False):
+                    metrics.update({k: float(v) for k, v in res.items()})
+        finally:
+            trainer.loggers = loggers
+        if not trainer.is_global_zero:
+            return
         metrics = {**train_metrics, **metrics}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
@@ -260,6 +252,25 @@ class CvtasksCLI(LightningCLI):
         print(f"\nfinal metrics (checkpoint {ckpt or 'last weights'}):")
         print(metrics_table(metrics))
         print(f"run folder: {self.run_dir}")
+
+
+    # -- after validate/test: the figures, kept beside the run ------------------------------------
+    def after_validate(self) -> None:
+        self._write_evaluation("validate")
+
+    def after_test(self) -> None:
+        self._write_evaluation("test")
+
+    def _write_evaluation(self, subcommand: str) -> None:
+        """runs/<run>/<subcommand>_metrics.json: every figure of this evaluation (one process writes it)."""
+        trainer: Trainer = self.trainer
+        if not trainer.is_global_zero or trainer.interrupted:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.as_tensor(v).numel() == 1}
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / f"{subcommand}_metrics.json"
+        path.write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        print(f"{subcommand} figures written to {path}")
 
 
 def _backbones_command(argv: list[str]) -> int:

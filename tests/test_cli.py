@@ -145,17 +145,6 @@ def test_resume_without_run_is_clear(workdir: Path):
     assert proc.returncode == 2 and "no run to resume" in proc.stderr
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_on_cpu(workdir: Path):
-    proc = run_cli(["fit", *TINY, "--config", "configs/trainer/ddp_cpu.yaml", "--trainer.max_epochs", "1",
-                    "--run_name", "ddp"], workdir)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "distributed_backend=gloo" in proc.stdout + proc.stderr
-    assert "All distributed processes registered" in proc.stdout + proc.stderr
-    metrics = json.loads((workdir / "runs" / "ddp" / "metrics.json").read_text())
-    assert "test/acc" in metrics
-
-
 def test_backbones_command_lists_registry(workdir: Path):
     proc = run_cli(["backbones", "resnet1*"], workdir)
     assert proc.returncode == 0, proc.stderr

@@ -153,14 +153,11 @@ def test_predict_writes_drawn_images_and_coco_results(cls: type, tmp_path: Path)
     task.save_predictions(records, out)
     assert json.loads((out / "predictions.json").read_text())[0]["category_id"] == 11
 
-class WandbLogger:  # named like Lightning's so log_images takes the W&B path; records what is logged
-    def __init__(self) -> None:
-        self.logged: list[dict] = []
-        self.experiment = SimpleNamespace(log=self.logged.append)
-
 @pytest.mark.parametrize("cls", [DetectionTask, InstanceSegmentationTask])
-def test_validation_images_reach_wandb_with_named_boxes(cls: type, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_validation_images_reach_wandb_with_named_boxes(cls: type, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import wandb
+
+    from cvtasks.loggers import AutoWandbLogger
 
     made: list[dict] = []
     real_image = wandb.Image
@@ -170,7 +167,7 @@ def test_validation_images_reach_wandb_with_named_boxes(cls: type, monkeypatch: 
         return real_image(arr, **kw)  # wandb itself checks the box and mask format
 
     monkeypatch.setattr(wandb, "Image", image)
-    logger = WandbLogger()
+    logger = AutoWandbLogger(mode="offline", save_dir=str(tmp_path), name="t", id="t1")  # the real one, offline
     monkeypatch.setattr(cls, "loggers", property(lambda self: [logger]))
     task = _task(cls, draw_score_threshold=0.5)
     _, targets = _batch(masks=True)
@@ -179,7 +176,10 @@ def test_validation_images_reach_wandb_with_named_boxes(cls: type, monkeypatch: 
             "scores": torch.tensor([0.9, 0.2]), "masks": targets[0]["masks"][:, None].float()}
     task._log_samples(images, [pred, pred], targets)
 
-    assert len(logger.logged) == 1 and len(logger.logged[0]["val/detections"]) == 2
+    logger.experiment.finish()
+    media = next((tmp_path / "wandb").glob("offline-run-*")) / "files" / "media"
+    assert len(made) == 2  # two pictures, identical here, so W&B stores one file of each kind
+    assert list(media.glob("images/val/detections_*.png")) and list(media.glob("metadata/boxes2D/val/*.boxes2D.json"))
     boxes = made[0]["boxes"]
     shown = boxes["prediction"]["box_data"]
     assert [b["box_caption"] for b in shown] == ["circle 0.90"]  # the 0.2 box is under the threshold

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from lightning import LightningDataModule
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ..backbone import IMAGENET_MEAN, IMAGENET_STD
 
@@ -22,6 +22,7 @@ __all__ = [
     "read_image",
     "ImageFolderPredictDataset",
     "normalise",
+    "UnpaddedDistributedSampler",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
@@ -193,30 +194,69 @@ class SplitDataModule(LightningDataModule):
             if name not in self._datasets:
                 self._datasets[name] = self.make_dataset(idx, name)
 
-    def _loader(self, dataset: Dataset, shuffle: bool, collate: Callable | None = None) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle: bool, collate: Callable | None = None, evaluation: bool = False) -> DataLoader:
+        sampler = self._evaluation_sampler(dataset) if evaluation else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            shuffle=shuffle if sampler is None else False,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate or self.collate_fn,
             persistent_workers=self.num_workers > 0,
             drop_last=False,
         )
 
+    def _evaluation_sampler(self, dataset: Dataset) -> Sampler | None:
+        """Under N processes, each item on exactly one rank (ranks may differ by one); None on one process.
+
+        Lightning would give validate/test a DistributedSampler, which pads the split with repeated
+        items so that every rank has as many: a metric then counts those items twice. A sampler of
+        the DistributedSampler type is left as it is by Lightning.
+        """
+        trainer = getattr(self, "trainer", None)
+        world = trainer.world_size if trainer is not None else 1
+        if world <= 1:
+            return None
+        n = len(dataset)  # type: ignore[arg-type]
+        if n < world:
+            raise ValueError(
+                f"the evaluation split has {n} items for {world} processes; every process needs at least one: "
+                f"use fewer devices or a larger split (--data.split)"
+            )
+        return UnpaddedDistributedSampler(dataset, num_replicas=world, rank=trainer.global_rank)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self._datasets["fit"], shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._datasets["val"], shuffle=False)
+        return self._loader(self._datasets["val"], shuffle=False, evaluation=True)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._datasets["test"], shuffle=False)
+        return self._loader(self._datasets["test"], shuffle=False, evaluation=True)
 
     def predict_dataloader(self) -> DataLoader:
         if not self.predict_dir:
             raise ValueError("predict needs a folder of images: pass --data.predict_dir <folder>")
-        return self._loader(self.make_predict_dataset(self.predict_dir), shuffle=False, collate=_predict_collate)
+        return self._loader(self.make_predict_dataset(self.predict_dir), shuffle=False, collate=_predict_collate,
+                            evaluation=True)
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Items ``rank, rank + N, rank + 2N, ...`` of the dataset, in order: no padding, no repeats.
+
+    Ranks get ``ceil`` or ``floor`` of ``len / N`` items; evaluation tolerates that because
+    torchmetrics synchronises states (sums, or lists of any length) once, at compute time, and
+    Lightning's epoch means are weighted by each rank's batch sizes.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.total_size = len(dataset)  # type: ignore[arg-type]
+        self.num_samples = len(range(rank, self.total_size, num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 class GeneratedScenes:

@@ -9,7 +9,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from lightning import LightningModule
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
+from torchmetrics import MeanMetric
 
 from ..backbone import IMAGENET_MEAN, IMAGENET_STD
 
@@ -68,6 +70,9 @@ class BaseTask(LightningModule):
         self.pretrained = pretrained
         self.class_names = list(class_names) if class_names else [f"class_{i}" for i in range(num_classes)]
         self.log_images_every_n_epochs = log_images_every_n_epochs
+        # evaluation losses as metrics: their float sums and counts synchronise exactly on uneven
+        # ranks, where Lightning's own epoch mean divides by an integer mean of the counts
+        self.eval_losses = torch.nn.ModuleDict({s: MeanMetric() for s in ("val", "test")})
         self.optim_settings = {
             "optimizer": optimizer.lower(), "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
             "scheduler": scheduler.lower(), "warmup_epochs": warmup_epochs, "step_size": step_size, "gamma": gamma,
@@ -106,6 +111,15 @@ class BaseTask(LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def log_eval_loss(self, stage: str, loss: Tensor, weight: float = 1.0, **kwargs: Any) -> None:
+        """Log ``<stage>/loss`` (val or test) as the mean over the whole stage, on any number of processes.
+
+        ``loss``: a batch's mean loss with ``weight`` its number of items, or a vector of per-item losses.
+        """
+        metric = self.eval_losses[stage]
+        metric.update(loss.detach(), weight=weight)
+        self.log(f"{stage}/loss", metric, on_step=False, on_epoch=True, **kwargs)
 
     # -- safety ------------------------------------------------------------------------------
     def check_finite(self, loss: Tensor, batch_ids: Sequence[Any] | None = None) -> None:
@@ -148,8 +162,8 @@ class BaseTask(LightningModule):
             arrays = list(images)
         class_labels = {i: n for i, n in enumerate(self.class_names)}
         for logger in self.loggers:
-            kind = type(logger).__name__
-            if kind == "WandbLogger":
+            # by type: AutoWandbLogger (the default) and any other subclass are W&B loggers too
+            if isinstance(logger, WandbLogger):
                 import wandb
 
                 items = []
@@ -166,7 +180,7 @@ class BaseTask(LightningModule):
                         kw["boxes"] = {name: _wandb_boxes(b, class_labels) for name, b in boxes[i].items()}
                     items.append(wandb.Image(arr, **kw))
                 logger.experiment.log({key: items, "trainer/global_step": self.global_step})
-            elif kind == "TensorBoardLogger":
+            elif isinstance(logger, TensorBoardLogger):
                 stack = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
                 logger.experiment.add_images(key, stack, self.global_step)
 

@@ -57,8 +57,10 @@ class ClassificationTask(BaseTask):
             self.check_finite(loss, [f"batch {batch_idx} of epoch {self.current_epoch}"])
         metrics = self.metrics[f"{stage}_metrics"]
         metrics.update(logits.detach(), y)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=on_step, on_epoch=not on_step, batch_size=len(y), sync_dist=not on_step)
+        if stage == "train":
+            self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=len(y))
+        else:
+            self.log_eval_loss(stage, loss, len(y), prog_bar=True)
         self.log_dict(metrics, prog_bar=stage != "train", on_step=False, on_epoch=True)
         if stage == "val" and self.should_log_images(batch_idx):
             pred = logits.argmax(1)

@@ -21,11 +21,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torchmetrics.detection import MeanAveragePrecision
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..detection.models import DETECTORS, ROI_POOLERS, build_detector
+from ..metrics import UnevenMeanAveragePrecision
 from .base import BaseTask
 
 __all__ = ["DetectionTask", "InstanceSegmentationTask"]
@@ -115,7 +115,7 @@ class DetectionTask(BaseTask):
         iou_type: Any = self.iou_types[0] if len(self.iou_types) == 1 else self.iou_types
         # one metric object per evaluated stage (training mode yields losses, not detections)
         self.metrics = torch.nn.ModuleDict({
-            f"{s}_map": MeanAveragePrecision(iou_type=iou_type, class_metrics=True, backend="faster_coco_eval")
+            f"{s}_map": UnevenMeanAveragePrecision(iou_type=iou_type, class_metrics=True, backend="faster_coco_eval")
             for s in ("val", "test")
         })
 

@@ -132,11 +132,13 @@ class SemanticSegmentationTask(BaseTask):
     def _eval_step(self, batch: dict[str, Any], stage: str, batch_idx: int) -> None:
         images, target = batch["image"], batch["mask"]
         logits = self.model(images)
-        loss = self.compute_loss(logits, target)
+        # the mean of per-image losses: the Dice term of a batch is not a sum over its images, so a
+        # batch-level loss would change with how the images are batched (and split over processes)
+        losses = [self.compute_loss(logits[i : i + 1], target[i : i + 1]) for i in range(images.shape[0])]
+        self.log_eval_loss(stage, torch.stack(losses))
         preds = self.predict_masks(images, logits)
         metrics = self.val_metrics if stage == "val" else self.test_metrics
         metrics.update(preds, target)
-        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
         if stage == "val" and self.should_log_images(batch_idx):
             n = min(self.num_log_images, images.shape[0])
             self.log_images(
