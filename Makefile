@@ -29,6 +29,10 @@ ARGS       ?=
 
 TASKS := $(patsubst configs/%.yaml,%,$(wildcard configs/*.yaml))
 
+# detector names, read from the table's one line per detector so that `make help` needs no venv;
+# $(1) is ! for the detectors without instance masks (TASK=detection), empty for those with
+detector_names = $(shell awk -F'"' '/^ *"[a-z0-9_]+": *DetectorSpec/ && $(1)/masks=True/ {printf "%s%s", sep, $$2; sep=" | "}' cvtasks/detection/models.py)
+
 # the optional variables become CLI arguments only when set
 CLI_ARGS = --config configs/$(TASK).yaml \
 	$(if $(DATA),--config configs/data/$(TASK)_folder.yaml --data.root $(DATA)) \
@@ -64,7 +68,7 @@ help: ## show this help: targets, then variables with their defaults
 	@echo "  LOGGER=$(LOGGER)         wandb | csv | tensorboard"
 	@echo "  RUN=               run name: the folder runs/<RUN>/ (default: task-backbone-time)"
 	@echo "  HEAD=              segmentation head: fcn32s | fcn16s | fcn8s | deeplabv3 | unpool (resets the config's head_kwargs)"
-	@echo "  DETECTOR=          faster_rcnn | retinanet | ssd | fcos | yolo;  ROI=align | pool"
+	@echo "  DETECTOR=          $(call detector_names,!) (TASK=instance_segmentation: $(call detector_names,));  ROI=align | pool"
 	@echo "  NAME=              backbone name(s) for make check-backbone"
 	@echo "  INPUT=             folder of images for make predict"
 	@echo "  ARGS=              passed to the CLI as they are, e.g. ARGS='--model.lr 0.01'"

@@ -3,7 +3,10 @@ on registry backbones): shapes, strides, anchors from strides, label conventions
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections import OrderedDict
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +16,8 @@ from torchvision.ops.poolers import LevelMapper
 
 from cvtasks import list_backbones
 from cvtasks.backbone import Backbone, FeatureInfo
-from cvtasks.detection import DETECTORS, Detector, FeaturePyramidNeck, MultiScaleRoIPool, anchor_sizes, build_detector
+from cvtasks.detection import (DETECTORS, Detector, FeaturePyramidNeck, MultiScaleRoIPool, anchor_sizes, build_detector,
+                               detector_keywords)
 from conftest import TinyNet
 
 K = 3  # object classes in these tests
@@ -205,3 +209,37 @@ def test_registry_backbones_feed_detectors(name: str, backbone: str) -> None:
     t = [{"boxes": torch.tensor([[10.0, 10.0, 50.0, 40.0]]), "labels": torch.tensor([4])}]
     losses = det([torch.rand(3, 128, 128)], t)
     assert torch.isfinite(sum(losses.values()))
+
+
+def test_unknown_detector_keyword_names_the_valid_ones_before_building() -> None:
+    # a backbone name that does not exist: the keyword check comes before any building
+    with pytest.raises(ValueError, match=r"'fcos' takes no \['aspect_ratios'\].*anchor_scale, num_convs"):
+        build_detector("fcos", "_no_such_backbone", K, aspect_ratios=(1.0,))
+    with pytest.raises(ValueError, match=r"'faster_rcnn' takes no \['mask_layers'\].*box_score_thresh"):
+        build_detector("faster_rcnn", "_no_such_backbone", K, mask_layers=2)
+    assert "mask_layers" in detector_keywords("mask_rcnn") and "box_score_thresh" in detector_keywords("mask_rcnn")
+
+
+def test_detector_keywords_reach_the_neck_or_the_builder() -> None:
+    det = build_detector("ssd", "_tinynet", K, min_size=S, neck_channels=16, num_levels=3, score_thresh=0.3)
+    assert det.model.backbone.strides == [8, 16, 32] and det.model.score_thresh == 0.3
+    det = build_detector("retinanet", "_tinynet", K, min_size=S, neck_channels=16, octaves=2, min_stride=16)
+    assert det.model.backbone.strides[0] == 16 and det.model.anchor_generator.num_anchors_per_location()[0] == 2 * 3
+
+
+def test_detector_names_come_from_the_table_everywhere() -> None:
+    from cvtasks.tasks.detection import DetectionTask, InstanceSegmentationTask
+
+    assert set(DetectionTask.detectors) | set(InstanceSegmentationTask.detectors) == set(DETECTORS)
+    assert set(InstanceSegmentationTask.detectors) == {n for n, s in DETECTORS.items() if s.masks}
+    repo = Path(__file__).resolve().parents[1]
+    # the docs' table of defaults names no detector the table lacks (a new one need not be documented there first)
+    docs = (repo / "docs" / "detection.md").read_text().split("## Detectors and their defaults")[1].split("\n#")[0]
+    rows = [l.split("|")[1].strip() for l in docs.splitlines() if l.startswith("| ") and not l.startswith("| detector")]
+    documented = {n.strip() for row in rows for n in row.split("/")}
+    assert documented and documented <= set(DETECTORS)
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    line = next(l for l in subprocess.run(["make", "-s", "help"], cwd=repo, capture_output=True, text=True,
+                                          timeout=60).stdout.splitlines() if "DETECTOR=" in l)
+    assert all(n in line for n in DETECTORS)

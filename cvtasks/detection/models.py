@@ -1,11 +1,20 @@
-"""Detector builders: torchvision's detection framework on registry backbones, plus our YOLO.
+"""The detector table and its one builder: torchvision's detectors and our YOLO on registry backbones.
 
-``build_detector(name, backbone, num_classes)`` puts a feature-pyramid neck on the backbone and
-builds the detector from a small table of per-detector choices (which pyramid, which strides, how
-anchors follow from the strides, how labels are counted). Everything torchvision has (RPN,
-RoIHeads, anchor generators, NMS, the RetinaNet/FCOS/SSD heads and GeneralizedRCNNTransform) is
-used as is. Images go in as ``list[Tensor]`` in [0, 1] (the detectors normalise them with
-ImageNet's mean/std internally); targets are ``list[dict(boxes, labels, masks)]``.
+``build_detector(name, backbone, num_classes)`` builds the registry backbone, puts the neck that
+``DETECTORS[name]`` names on it, and hands the neck to the detector's builder. The families live
+in their own files:
+
+- :mod:`.rcnn`: Faster R-CNN (Ren et al., NeurIPS 2015) and Mask R-CNN (He et al., ICCV 2017)
+  with an FPN (Lin et al., CVPR 2017) and the RoI poolers of :mod:`.poolers`;
+- :mod:`.dense`: RetinaNet (Lin et al., ICCV 2017), FCOS (Tian et al., ICCV 2019), SSD (Liu et
+  al., ECCV 2016);
+- :mod:`.yolo`: our YOLOX-style detector (Ge et al., arXiv:2107.08430).
+
+A new detector (CornerNet, R-FCN, ...) is a new file with a builder (and a neck where the
+pyramids of :mod:`.neck` do not fit) plus one line in :data:`DETECTORS`.
+
+Images go in as ``list[Tensor]`` in [0, 1] (the detectors normalise them with ImageNet's mean/std
+internally); targets are ``list[dict(boxes, labels, masks)]``.
 
 Label convention: our data's labels are 0-based kinds. Faster/Mask R-CNN and SSD classify with a
 softmax whose class 0 is background, so :class:`Detector` adds 1 to the labels going in and
@@ -16,179 +25,116 @@ class, so labels pass through unchanged (``label_offset=0``, ``num_classes`` out
 
 from __future__ import annotations
 
-import math
+import inspect
+import typing
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.models.detection.fcos import FCOS, FCOSClassificationHead, FCOSHead, FCOSRegressionHead
-from torchvision.models.detection.faster_rcnn import FasterRCNN
-from torchvision.models.detection.mask_rcnn import MaskRCNN
-from torchvision.models.detection.retinanet import RetinaNet
-from torchvision.models.detection.ssd import SSD
-from torchvision.models.detection._utils import BoxLinearCoder
-from torchvision.models.detection.anchor_utils import AnchorGenerator, DefaultBoxGenerator
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.retinanet import RetinaNetHead
-from torchvision.ops import MultiScaleRoIAlign, roi_pool
-from torchvision.ops.poolers import LevelMapper
 
 from ..backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
-from ..layers import ConvNormAct
 from ..registry import create_backbone
-from .neck import FeaturePyramidNeck, level_name, select_levels
+from . import dense, rcnn
+from .anchors import anchor_sizes
+from .dense import SSDFeatures
+from .neck import fpn_neck
+from .poolers import ROI_POOLERS, MultiScaleRoIPool, check_roi
+from .yolo import YOLODetector
 
 __all__ = [
     "DETECTORS",
+    "ROI_POOLERS",
     "DetectorSpec",
     "Detector",
     "MultiScaleRoIPool",
     "SSDFeatures",
     "anchor_sizes",
     "build_detector",
+    "detector_keywords",
+    "detector_names",
 ]
 
 
 @dataclass(frozen=True)
 class DetectorSpec:
-    """Per-detector choices: pyramid top, finest stride, anchors from strides, label counting."""
+    """A DETECTOR= name: its builder, its neck, the finest backbone stride it reads, how it counts labels.
 
-    extra: str  # levels on top of the pyramid (neck.EXTRA_LEVELS)
-    min_stride: int  # finest backbone level used
-    anchor_scale: float  # anchor side = anchor_scale * stride of its level
-    octaves: int  # anchor sizes per level: anchor_scale * stride * 2**(i / octaves), i < octaves
+    ``neck(backbone, *, out_channels, strides, min_stride[, min_size], **its keywords)`` returns the
+    module the detector runs its backbone through; ``build(neck, num_classes, *, min_size, max_size,
+    image_mean, image_std[, roi], **its keywords)`` returns the detector. Both are called with only
+    the keywords they declare; a builder that ends in ``**kwargs`` passes them to the class it
+    returns (its return annotation), whose keywords are then valid too.
+    """
+
+    build: Callable[..., nn.Module]
+    neck: Callable[..., nn.Module]
+    min_stride: int  # finest backbone level used (build_detector's min_stride overrides it)
     label_offset: int  # 1 where class 0 is background (softmax heads), else 0
-    masks: bool = False  # instance masks (Mask R-CNN)
-    two_stage: bool = False  # has RoI pooling (roi="align"|"pool" applies)
+    masks: bool = False  # predicts instance masks: InstanceSegmentationTask's detectors
 
 
-# Anchor scales are chosen for small objects (the shapes scenes: 15-50 px in 128 px images):
-# R-CNN's RPN follows FPN's one size per level (4x the stride from stride 4); the single-stage
-# detectors start at stride 8 with anchors of twice the stride (RetinaNet's three octaves, as in
-# Lin et al. 2017), FCOS's "anchor" is its stride (it only sets the regression ranges, Tian et
-# al. 2019), SSD's default boxes are derived the same way as RetinaNet's (Liu et al. 2016).
+# One line per detector; `make help` reads the names from these lines. The necks start at stride 4
+# for the R-CNNs (FPN's P2) and at stride 8 for the single-stage detectors (RetinaNet's P3).
 DETECTORS: dict[str, DetectorSpec] = {
-    "faster_rcnn": DetectorSpec("maxpool", 4, 4.0, 1, 1, two_stage=True),
-    "mask_rcnn": DetectorSpec("maxpool", 4, 4.0, 1, 1, masks=True, two_stage=True),
-    "retinanet": DetectorSpec("p6p7", 8, 2.0, 3, 0),
-    "fcos": DetectorSpec("p6p7", 8, 1.0, 1, 0),
-    "ssd": DetectorSpec("none", 8, 2.0, 1, 1),
-    "yolo": DetectorSpec("none", 8, 1.0, 1, 0),
+    "faster_rcnn": DetectorSpec(rcnn.faster_rcnn, fpn_neck("maxpool"), min_stride=4, label_offset=1),
+    "mask_rcnn": DetectorSpec(rcnn.mask_rcnn, fpn_neck("maxpool"), min_stride=4, label_offset=1, masks=True),
+    "retinanet": DetectorSpec(dense.retinanet, fpn_neck("p6p7"), min_stride=8, label_offset=0),
+    "fcos": DetectorSpec(dense.fcos, fpn_neck("p6p7"), min_stride=8, label_offset=0),
+    "ssd": DetectorSpec(dense.ssd, dense.ssd_features, min_stride=8, label_offset=1),
+    "yolo": DetectorSpec(YOLODetector, fpn_neck("none"), min_stride=8, label_offset=0),
 }
 
-ROI_POOLERS = ("align", "pool")
-
-# torchvision's R-CNN sampling sizes are made for 800-1333 px COCO images with dozens of objects;
-# small images with a handful of objects need far fewer proposals and sampled RoIs (and a CPU
-# thanks us for it). Any of these can be overridden through build_detector's keywords.
-_RCNN_SMALL_IMAGE_DEFAULTS: dict[str, Any] = {
-    "rpn_pre_nms_top_n_train": 1000,
-    "rpn_post_nms_top_n_train": 500,
-    "rpn_pre_nms_top_n_test": 500,
-    "rpn_post_nms_top_n_test": 300,
-    "rpn_batch_size_per_image": 128,
-    "box_batch_size_per_image": 64,
-    "box_detections_per_img": 100,
-}
+# what build_detector fills itself: never a detector_kwargs key
+_FILLED = frozenset({"backbone", "neck", "num_classes", "out_channels", "strides", "min_stride", "min_size",
+                     "max_size", "image_mean", "image_std", "roi"})
 
 
-def anchor_sizes(strides: Sequence[int], scale: float, octaves: int = 1) -> tuple[tuple[float, ...], ...]:
-    """Anchor sizes per pyramid level, derived from its stride: ``scale * stride * 2**(i/octaves)``."""
-    return tuple(tuple(float(scale * s * 2 ** (i / octaves)) for i in range(octaves)) for s in strides)
+def detector_names(masks: bool | None = None) -> tuple[str, ...]:
+    """The DETECTORS names in table order: all, or only those with (``masks=True``) or without masks."""
+    return tuple(n for n, s in DETECTORS.items() if masks is None or s.masks == masks)
 
 
-class MultiScaleRoIPool(MultiScaleRoIAlign):
-    """RoIPool (Girshick, Fast R-CNN, ICCV 2015) over a pyramid, with MultiScaleRoIAlign's interface.
-
-    Each box is pooled from the level torchvision's ``LevelMapper`` assigns it to (Eqn. 1 of the
-    FPN paper), with ``torchvision.ops.roi_pool`` instead of RoIAlign's bilinear sampling. It
-    subclasses MultiScaleRoIAlign only because torchvision's R-CNNs check for that type.
-    """
-
-    def __init__(
-        self,
-        featmap_names: list[str],
-        output_size: int | tuple[int, int],
-        sampling_ratio: int = 0,
-        *,
-        canonical_scale: int = 224,
-        canonical_level: int = 4,
-    ) -> None:
-        super().__init__(list(featmap_names), output_size, sampling_ratio,
-                         canonical_scale=canonical_scale, canonical_level=canonical_level)
-
-    def forward(self, x: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]) -> Tensor:
-        feats = [v for k, v in x.items() if k in self.featmap_names]
-        if not feats:
-            raise ValueError(f"MultiScaleRoIPool found none of {self.featmap_names} among the features {list(x)}")
-        max_h = max(s[0] for s in image_shapes)
-        # the pyramid halves the resolution per level, so each scale is a power of two
-        scales = [2.0 ** round(math.log2(f.shape[-2] / max_h)) for f in feats]
-        k_min, k_max = int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
-        mapper = LevelMapper(k_min, k_max, self.canonical_scale, self.canonical_level)
-        rois = torch.cat(
-            [torch.cat([torch.full_like(b[:, :1], i), b], dim=1) for i, b in enumerate(boxes)], dim=0
-        )
-        if len(feats) == 1:
-            return roi_pool(feats[0], rois, self.output_size, scales[0])
-        levels = mapper(boxes)
-        out = rois.new_zeros((rois.shape[0], feats[0].shape[1], *self.output_size), dtype=feats[0].dtype)
-        for lvl, (feat, scale) in enumerate(zip(feats, scales)):
-            idx = torch.where(levels == lvl)[0]
-            out[idx] = roi_pool(feat, rois[idx], self.output_size, scale).to(out.dtype)
-        return out
+def _detector_spec(name: str) -> DetectorSpec:
+    try:
+        return DETECTORS[name]
+    except KeyError:
+        raise ValueError(f"unknown detector {name!r}; choose one of {sorted(DETECTORS)}") from None
 
 
-class SSDFeatures(nn.Module):
-    """SSD's feature extractor on a registry backbone: its levels from ``min_stride`` on, then extra
-    stride-2 blocks (1x1 reduce, 3x3 stride 2, as in Liu et al., SSD, ECCV 2016) up to ``num_levels``.
-    """
+def _named(fn: Callable[..., Any]) -> list[str]:
+    """The keywords ``fn`` declares by name, except the ones build_detector fills."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds and p.name not in _FILLED]
 
-    def __init__(
-        self,
-        backbone: Backbone,
-        *,
-        num_levels: int = 6,
-        strides: Sequence[int] | None = None,
-        min_stride: int = 8,
-        extra_channels: int = 256,
-    ) -> None:
-        super().__init__()
-        self.body = backbone
-        infos = select_levels(backbone.feature_info, strides, min_stride)
-        self.in_levels = [f.name for f in infos]
-        if len(infos) > num_levels:
-            infos = infos[:num_levels]
-            self.in_levels = self.in_levels[:num_levels]
-        channels = [f.channels for f in infos]
-        self.strides = [f.stride for f in infos]
-        self.extras = nn.ModuleList()
-        prev = channels[-1]
-        while len(channels) < num_levels:
-            self.extras.append(
-                nn.Sequential(
-                    ConvNormAct(prev, extra_channels // 2, 1),
-                    ConvNormAct(extra_channels // 2, extra_channels, 3, stride=2),
-                )
-            )
-            channels.append(extra_channels)
-            self.strides.append(self.strides[-1] * 2)
-            prev = extra_channels
-        #: channels per level: torchvision's SSD reads this list to build its head
-        self.out_channels = channels
-        self.level_names = [level_name(s) for s in self.strides]
 
-    def forward(self, x: Tensor) -> "dict[str, Tensor]":
-        feats = self.body(x)
-        maps = [feats[n] for n in self.in_levels]
-        y = maps[-1]
-        for block in self.extras:
-            y = block(y)
-            maps.append(y)
-        return dict(zip(self.level_names, maps))
+def _forwards_to(fn: Callable[..., Any]) -> Callable[..., Any] | None:
+    """The class a builder's ``**kwargs`` go to (its return annotation), or None without ``**kwargs``."""
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inspect.signature(fn).parameters.values()):
+        return None
+    return typing.get_type_hints(fn)["return"]
+
+
+def _keyword_groups(spec: DetectorSpec) -> list[tuple[str, list[str]]]:
+    """Where each detector_kwargs key goes: the neck's keywords first, then the builder's, then those it forwards."""
+    neck = _named(spec.neck)
+    build = [k for k in _named(spec.build) if k not in neck]
+    groups = [(spec.neck.__name__, neck), (spec.build.__name__, build)]
+    target = _forwards_to(spec.build)
+    if target is not None:
+        groups.append((f"{target.__module__.partition('.')[0]} {target.__name__}", [k for k in _named(target) if k not in neck + build]))
+    return groups
+
+
+def detector_keywords(name: str) -> list[str]:
+    """The detector_kwargs keys detector ``name`` takes: its neck's, its builder's and what the builder forwards."""
+    return [k for _, keys in _keyword_groups(_detector_spec(name)) for k in keys]
+
+
+def _declared(fn: Callable[..., Any], offered: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``offered`` values that ``fn`` declares a keyword for (roi for two-stage builders, say)."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in offered.items() if k in params}
 
 
 class Detector(nn.Module):
@@ -230,6 +176,7 @@ class Detector(nn.Module):
         return out
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Any]] | None = None) -> Any:
+        """Losses (training, with targets) or detections with 0-based labels (eval)."""
         if self.training:
             if targets is None:
                 raise ValueError(f"{self.name} in training mode needs targets (list of dicts with boxes, labels)")
@@ -238,114 +185,6 @@ class Detector(nn.Module):
         if self.label_offset:
             outputs = [{**o, "labels": o["labels"] - self.label_offset} for o in outputs]
         return outputs
-
-
-def _group_norm(channels: int) -> partial:
-    """GroupNorm with 32 groups where the width allows (Wu & He 2018), fewer otherwise."""
-    return partial(nn.GroupNorm, math.gcd(32, channels))
-
-
-def _rcnn(spec: DetectorSpec, body: Backbone, num_classes: int, common: dict[str, Any], opts: dict[str, Any]) -> nn.Module:
-    roi = opts.pop("roi")
-    canonical_scale = opts.pop("canonical_scale", 224)
-    # the box head's width: 1024 in torchvision, for 91 COCO classes; a few classes need far less
-    representation_size = opts.pop("representation_size", 256)
-    mask_layers = opts.pop("mask_layers", 4)
-    neck = FeaturePyramidNeck(body, out_channels=opts.pop("neck_channels"), strides=opts.pop("strides"),
-                              min_stride=opts.pop("min_stride"), extra=spec.extra)
-    sizes = anchor_sizes(neck.strides, opts.pop("anchor_scale"), spec.octaves)
-    ratios = (tuple(opts.pop("aspect_ratios")),) * len(sizes)
-    pooler = partial(MultiScaleRoIAlign, sampling_ratio=2) if roi == "align" else MultiScaleRoIPool
-    c = neck.out_channels
-    model_kwargs: dict[str, Any] = {
-        **_RCNN_SMALL_IMAGE_DEFAULTS,
-        "rpn_anchor_generator": AnchorGenerator(sizes, ratios),
-        "box_roi_pool": pooler(featmap_names=neck.feature_levels, output_size=7, canonical_scale=canonical_scale),
-        # head and predictor given together: torchvision's default predictor assumes 1024 features
-        "box_head": TwoMLPHead(c * 7 * 7, representation_size),
-        "box_predictor": FastRCNNPredictor(representation_size, num_classes + 1),
-        **common,
-        **opts,
-    }
-    if spec.masks:
-        # likewise its default mask predictor assumes a 256-wide mask head
-        model_kwargs.setdefault(
-            "mask_roi_pool", pooler(featmap_names=neck.feature_levels, output_size=14, canonical_scale=canonical_scale)
-        )
-        model_kwargs.setdefault("mask_head", MaskRCNNHeads(c, [c] * mask_layers, 1))
-        model_kwargs.setdefault("mask_predictor", MaskRCNNPredictor(c, c, num_classes + 1))
-        return MaskRCNN(neck, None, **model_kwargs)
-    return FasterRCNN(neck, None, **model_kwargs)
-
-
-def _retinanet(spec: DetectorSpec, body: Backbone, num_classes: int, common: dict[str, Any], opts: dict[str, Any]) -> nn.Module:
-    neck = FeaturePyramidNeck(body, out_channels=opts.pop("neck_channels"), strides=opts.pop("strides"),
-                              min_stride=opts.pop("min_stride"), extra=spec.extra)
-    sizes = anchor_sizes(neck.strides, opts.pop("anchor_scale"), spec.octaves)
-    gen = AnchorGenerator(sizes, (tuple(opts.pop("aspect_ratios")),) * len(sizes))
-    head = RetinaNetHead(neck.out_channels, gen.num_anchors_per_location()[0], num_classes,
-                         norm_layer=_group_norm(neck.out_channels))
-    return RetinaNet(neck, num_classes, anchor_generator=gen, head=head, **{**common, **opts})
-
-
-class _FCOSHead(FCOSHead):
-    """torchvision's FCOS head with GroupNorm fitted to the width (its own hard-codes 32 groups)."""
-
-    def __init__(self, in_channels: int, num_classes: int, num_convs: int = 4) -> None:
-        nn.Module.__init__(self)  # skip FCOSHead.__init__, which would build GroupNorm(32, C)
-        norm = _group_norm(in_channels)
-        self.box_coder = BoxLinearCoder(normalize_by_size=True)
-        self.classification_head = FCOSClassificationHead(in_channels, 1, num_classes, num_convs, norm_layer=norm)
-        self.regression_head = FCOSRegressionHead(in_channels, 1, num_convs, norm_layer=norm)
-
-
-def _fcos(spec: DetectorSpec, body: Backbone, num_classes: int, common: dict[str, Any], opts: dict[str, Any]) -> nn.Module:
-    neck = FeaturePyramidNeck(body, out_channels=opts.pop("neck_channels"), strides=opts.pop("strides"),
-                              min_stride=opts.pop("min_stride"), extra=spec.extra)
-    sizes = anchor_sizes(neck.strides, opts.pop("anchor_scale"), 1)
-    opts.pop("aspect_ratios")  # FCOS is anchor-free: one point per location
-    gen = AnchorGenerator(sizes, ((1.0,),) * len(sizes))
-    num_convs = opts.pop("num_convs", 4)
-    head = _FCOSHead(neck.out_channels, num_classes, num_convs)
-    return FCOS(neck, num_classes, anchor_generator=gen, head=head, **{"score_thresh": 0.05, **common, **opts})
-
-
-def _ssd(spec: DetectorSpec, body: Backbone, num_classes: int, common: dict[str, Any], opts: dict[str, Any]) -> nn.Module:
-    size = common.pop("min_size")
-    common.pop("max_size")
-    num_levels = opts.pop("num_levels", None)
-    min_stride = opts.pop("min_stride")
-    if num_levels is None:  # SSD300's six levels, fewer where the image is too small for them
-        num_levels = max(1, min(6, int(math.log2(max(size, min_stride) / min_stride)) + 1))
-    feats = SSDFeatures(body, num_levels=num_levels, strides=opts.pop("strides"), min_stride=min_stride,
-                        extra_channels=opts.pop("neck_channels"))
-    scale = opts.pop("anchor_scale")
-    ratios = [[2]] + [[2, 3]] * max(0, len(feats.strides) - 3) + [[2]] * min(2, len(feats.strides) - 1)
-    box_scales = [scale * s / size for s in feats.strides]
-    box_scales.append(box_scales[-1] * 2)
-    opts.pop("aspect_ratios")
-    gen = DefaultBoxGenerator(ratios, scales=box_scales, steps=feats.strides)
-    return SSD(feats, gen, (size, size), num_classes + 1, **{**common, **opts})
-
-
-def _yolo(spec: DetectorSpec, body: Backbone, num_classes: int, common: dict[str, Any], opts: dict[str, Any]) -> nn.Module:
-    from .yolo import YOLODetector
-
-    neck = FeaturePyramidNeck(body, out_channels=opts.pop("neck_channels"), strides=opts.pop("strides"),
-                              min_stride=opts.pop("min_stride"), extra=spec.extra)
-    opts.pop("anchor_scale")
-    opts.pop("aspect_ratios")
-    return YOLODetector(neck, num_classes, **{**common, **opts})
-
-
-_BUILDERS = {
-    "faster_rcnn": _rcnn,
-    "mask_rcnn": _rcnn,
-    "retinanet": _retinanet,
-    "fcos": _fcos,
-    "ssd": _ssd,
-    "yolo": _yolo,
-}
 
 
 def build_detector(
@@ -361,30 +200,35 @@ def build_detector(
     neck_channels: int = 256,
     strides: Sequence[int] | None = None,
     min_stride: int | None = None,
-    anchor_scale: float | None = None,
-    aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
     image_mean: Sequence[float] = IMAGENET_MEAN,
     image_std: Sequence[float] = IMAGENET_STD,
-    **kwargs: Any,
+    **detector_kwargs: Any,
 ) -> Detector:
     """Build detector ``name`` (see DETECTORS) on a registry backbone (a name or a built Backbone).
 
     ``num_classes`` counts object classes only (no background). ``roi`` picks RoIAlign or RoIPool
-    for the two-stage detectors. ``min_size``/``max_size`` are GeneralizedRCNNTransform's resize
-    bounds: set them to the data's image size so nothing is resized needlessly (``max_size``
-    defaults to ``min_size * 1333 / 800``, torchvision's ratio). ``strides`` / ``min_stride`` pick
-    the backbone levels, ``anchor_scale`` the anchor side per stride (defaults from DETECTORS).
-    Other keywords go to the torchvision detector (e.g. ``rpn_batch_size_per_image``,
-    ``score_thresh``, ``representation_size``/``mask_layers`` for R-CNN heads, ``num_levels`` for
-    SSD) or to :class:`~cvtasks.detection.yolo.YOLODetector`.
+    for the two-stage detectors (the others ignore it). ``min_size``/``max_size`` are
+    GeneralizedRCNNTransform's resize bounds: set them to the data's image size so nothing is
+    resized needlessly (``max_size`` defaults to ``min_size * 1333 / 800``, torchvision's ratio).
+    ``strides`` / ``min_stride`` pick the backbone levels (``min_stride`` defaults from DETECTORS).
+    ``detector_kwargs`` go to the detector's neck or builder, whichever declares them (e.g.
+    ``anchor_scale``, ``aspect_ratios``, ``representation_size``/``mask_layers`` for the R-CNNs,
+    ``num_levels`` for SSD) or on to the torchvision detector (``rpn_batch_size_per_image``,
+    ``score_thresh``, ...); :func:`detector_keywords` lists them, and any other is a ValueError.
     """
-    if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; choose one of {sorted(DETECTORS)}")
-    if roi not in ROI_POOLERS:
-        raise ValueError(f"unknown roi {roi!r}; choose 'align' (RoIAlign) or 'pool' (RoIPool)")
+    spec = _detector_spec(name)
+    check_roi(roi)
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1 (object classes, no background), got {num_classes}")
-    spec = DETECTORS[name]
+    groups = _keyword_groups(spec)
+    neck_keys = groups[0][1]
+    unknown = sorted(k for k in detector_kwargs if not any(k in keys for _, keys in groups))
+    if unknown:
+        takes = "; ".join(f"{where}: {', '.join(keys)}" for where, keys in groups if keys)
+        raise ValueError(
+            f"detector {name!r} takes no {unknown} (from --model.detector_kwargs); it takes ({takes}), besides "
+            f"build_detector's own roi, min_size, max_size, neck_channels, strides, min_stride, image_mean, image_std"
+        )
     if isinstance(backbone, str):
         body = create_backbone(backbone, pretrained=pretrained, **(backbone_kwargs or {}))
     else:
@@ -393,21 +237,14 @@ def build_detector(
         body = backbone
     if not getattr(body, "feature_info", None):
         raise ValueError(f"the backbone {type(body).__name__} declares no feature_info; detectors need its levels")
-    common: dict[str, Any] = {
-        "min_size": min_size,
-        "max_size": max_size if max_size is not None else max(min_size, round(min_size * 1333 / 800)),
-        "image_mean": list(image_mean),
-        "image_std": list(image_std),
-    }
-    opts: dict[str, Any] = {
-        "neck_channels": neck_channels,
-        "strides": strides,
-        "min_stride": spec.min_stride if min_stride is None else min_stride,
-        "anchor_scale": spec.anchor_scale if anchor_scale is None else anchor_scale,
-        "aspect_ratios": aspect_ratios,
-        **kwargs,
-    }
-    if spec.two_stage:
-        opts["roi"] = roi
-    model = _BUILDERS[name](spec, body, num_classes, common, opts)
+    neck = spec.neck(
+        body, out_channels=neck_channels, strides=strides, min_stride=spec.min_stride if min_stride is None else min_stride,
+        **_declared(spec.neck, {"min_size": min_size}), **{k: v for k, v in detector_kwargs.items() if k in neck_keys},
+    )
+    model = spec.build(
+        neck, num_classes, min_size=min_size,
+        max_size=max_size if max_size is not None else max(min_size, round(min_size * 1333 / 800)),
+        image_mean=list(image_mean), image_std=list(image_std), **_declared(spec.build, {"roi": roi}),
+        **{k: v for k, v in detector_kwargs.items() if k not in neck_keys},
+    )
     return Detector(name, model, num_classes, spec.label_offset, spec.masks)

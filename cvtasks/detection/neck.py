@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Sequence
+from typing import Callable, Sequence
 
 from torch import Tensor, nn
 from torchvision.ops import FeaturePyramidNetwork
@@ -22,7 +22,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 
 from ..backbone import Backbone, FeatureInfo
 
-__all__ = ["EXTRA_LEVELS", "FeaturePyramidNeck", "SimplePyramid", "select_levels", "level_name"]
+__all__ = ["EXTRA_LEVELS", "FeaturePyramidNeck", "SimplePyramid", "fpn_neck", "select_levels", "level_name"]
 
 #: what goes on top of the pyramid: nothing, one max-pooled level (Faster/Mask R-CNN's "pool", used
 #: by the RPN only) or two strided convolutions P6, P7 (RetinaNet, FCOS)
@@ -183,3 +183,16 @@ class FeaturePyramidNeck(nn.Module):
             picked = OrderedDict((n, feats[n]) for n in self.in_levels)
             maps = list(self.fpn(picked).values())
         return OrderedDict(zip(self.level_names, maps))
+
+
+def fpn_neck(extra: str) -> Callable[..., FeaturePyramidNeck]:
+    """A neck builder for the detector table: FeaturePyramidNeck with ``extra`` levels on top fixed."""
+    if extra not in EXTRA_LEVELS:
+        raise ValueError(f"unknown extra pyramid levels {extra!r}; choose one of {EXTRA_LEVELS}")
+
+    def build(backbone: Backbone, *, out_channels: int, strides: Sequence[int] | None, min_stride: int) -> FeaturePyramidNeck:
+        """FeaturePyramidNeck on ``backbone`` with the table's ``extra`` levels."""
+        return FeaturePyramidNeck(backbone, out_channels=out_channels, strides=strides, min_stride=min_stride, extra=extra)
+
+    build.__name__ = build.__qualname__ = f"fpn_neck_{extra}"
+    return build

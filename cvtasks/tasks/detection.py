@@ -24,7 +24,7 @@ from torch import Tensor
 from torchvision.io import write_png
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from ..detection.models import DETECTORS, ROI_POOLERS, build_detector
+from ..detection.models import DETECTORS, build_detector, detector_names
 from ..metrics import UnevenMeanAveragePrecision
 from .base import BaseTask
 
@@ -68,18 +68,20 @@ def draw_detections(image: Tensor, boxes: Tensor, labels: Tensor, class_names: S
 class DetectionTask(BaseTask):
     """Detect objects with ``build_detector(detector, backbone, num_classes)`` behind a feature pyramid.
 
-    ``detector``: faster_rcnn | retinanet | ssd | fcos | yolo. ``roi``: align (RoIAlign) or pool
-    (RoIPool) for Faster R-CNN. ``min_size``/``max_size``: the detector's resize bounds (set to the
+    ``detector``: a name from the detector table (``cvtasks.detection.DETECTORS``, ``make help``
+    lists them); this task takes those without masks. ``roi``: align (RoIAlign) or pool (RoIPool)
+    for the two-stage detectors. ``min_size``/``max_size``: the detector's resize bounds (set to the
     data's image size so nothing is resized; the CLI does so where the config leaves them null).
     ``neck_channels``: width of the feature pyramid.
-    ``detector_kwargs``: anything else build_detector / the torchvision detector takes.
+    ``detector_kwargs``: the detector's own keywords (``detector_keywords(detector)`` lists them:
+    its neck's, its builder's, its torchvision class's); any other is a ValueError naming those.
     ``draw_score_threshold``: the lowest score drawn on logged and predicted images.
     """
 
     monitor = "val/map"
     monitor_mode = "max"
-    #: detectors this task accepts, and the IoU types it evaluates
-    detectors: tuple[str, ...] = ("faster_rcnn", "retinanet", "ssd", "fcos", "yolo")
+    #: detectors this task accepts (read from the table), and the IoU types it evaluates
+    detectors: tuple[str, ...] = detector_names(masks=False)
     iou_types: tuple[str, ...] = ("bbox",)
 
     def __init__(
@@ -97,12 +99,12 @@ class DetectionTask(BaseTask):
         super().__init__(**kwargs)
         self.save_hyperparameters()
         if detector not in self.detectors:
-            other = " (instance masks need InstanceSegmentationTask)" if detector in DETECTORS else ""
+            other = ""
+            if detector in DETECTORS:
+                other = " (instance masks need InstanceSegmentationTask)" if DETECTORS[detector].masks else " (boxes only: DetectionTask)"
             raise ValueError(
                 f"{type(self).__name__} does not take detector {detector!r}{other}; choose one of {list(self.detectors)}"
             )
-        if roi not in ROI_POOLERS:
-            raise ValueError(f"unknown roi {roi!r}; choose 'align' (RoIAlign) or 'pool' (RoIPool)")
         if min_size is None:  # the CLI fills it from data.img_size; built by hand it must be given
             raise ValueError(f"{type(self).__name__} needs min_size: the data's image size in pixels")
         self.draw_score_threshold = draw_score_threshold
@@ -286,7 +288,7 @@ class DetectionTask(BaseTask):
 class InstanceSegmentationTask(DetectionTask):
     """Detect and segment objects with Mask R-CNN; logs box figures and mask figures (``segm_``)."""
 
-    detectors = ("mask_rcnn",)
+    detectors = detector_names(masks=True)
     iou_types = ("bbox", "segm")
 
     def __init__(self, *, detector: str = "mask_rcnn", **kwargs: Any) -> None:
