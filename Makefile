@@ -49,7 +49,7 @@ CLI_ARGS = --config configs/$(TASK).yaml \
 	$(if $(PRECISION),--trainer.precision $(PRECISION)) \
 	$(if $(RUN),--run_name $(RUN))
 
-.PHONY: help setup check-task train evaluate predict resume backbones check-backbone test test-fast bench docs clean
+.PHONY: help setup lock check-task train evaluate predict resume backbones check-backbone test test-fast bench docs clean
 
 help: ## show this help: targets, then variables with their defaults
 	@echo "Targets:"
@@ -73,14 +73,19 @@ help: ## show this help: targets, then variables with their defaults
 	@echo "  INPUT=             folder of images for make predict"
 	@echo "  ARGS=              passed to the CLI as they are, e.g. ARGS='--model.lr 0.01'"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet -e ".[test,export]"
+	$(PY) -m pip install --quiet -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test,export]"
 	@touch $(STAMP)
 
 setup: $(STAMP) ## create the local virtual environment (.venv) and install everything (done by the other targets on first use)
+
+lock: $(STAMP) ## rewrite constraints.txt from .venv: the exact versions make installs (run after make test passes)
+	@{ sed -n '1,/^# Regenerate/p' constraints.txt; $(PY) -m pip freeze --exclude-editable; } > constraints.txt.new
+	@mv constraints.txt.new constraints.txt
+	@echo "constraints.txt: $$(grep -vc '^#' constraints.txt) pinned packages"
 
 check-task:
 	@test -f configs/$(TASK).yaml || { echo "error: unknown TASK '$(TASK)'; choose one of: $(TASKS)" >&2; exit 2; }
