@@ -28,6 +28,18 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict[str, str] 
     )
 
 
+def check_outcomes(measured: dict[str, float], limits: dict[str, tuple[str, float]]) -> None:
+    """Assert each measured training outcome against its limit ("<" or ">" a threshold).
+
+    Limits sit many times further from the measured values than seeds, thread counts or CPUs move
+    them; `python tests/spread.py` measures that spread, so a new limit can be checked against it.
+    """
+    for name, (op, limit) in limits.items():
+        value = measured[name]
+        ok = value < limit if op == "<" else value > limit
+        assert ok, f"{name} = {value:.4f}, expected {op} {limit} (all measured: {measured})"
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     """A temporary working folder holding a link to the repo's configs."""
