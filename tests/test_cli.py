@@ -195,7 +195,8 @@ def test_coco_folder_trains_and_predicts_with_its_own_category_ids(workdir: Path
     out = run / "predictions"
     assert sorted(p.name for p in out.glob("*.png")) == [f"im{i}.png" for i in range(8)]
     results = json.loads((out / "predictions.json").read_text())
-    assert results and {r["category_id"] for r in results} == {3, 9}  # the file's ids, not labels
+    # the file's ids, not labels (which classes a minute's training predicts is the machine's business)
+    assert results and {r["category_id"] for r in results} <= {3, 9}
     assert all(len(r["bbox"]) == 4 and r["segmentation"]["size"] for r in results)
 
 

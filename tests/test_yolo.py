@@ -119,7 +119,7 @@ OVERFIT_LIMITS = {"loss_ratio": ("<", 0.5), "best_is_an_object_class": (">", 0.5
 
 
 def overfit_one_image(seed: int = 0) -> dict[str, float]:
-    """40 Adam steps of YOLO on one image with two objects."""
+    """100 Adam steps of YOLO on one image with two objects (after 40 the ratio still reached 0.44 on some seeds)."""
     torch.manual_seed(seed)
     det = build_detector("yolo", "_tinynet", K, min_size=64, neck_channels=16)
     image = torch.rand(3, 64, 64)
@@ -129,7 +129,7 @@ def overfit_one_image(seed: int = 0) -> dict[str, float]:
     opt = torch.optim.Adam(det.parameters(), lr=3e-3)
     det.train()
     history = []
-    for _ in range(40):
+    for _ in range(100):
         loss = sum(det([image], target).values())
         opt.zero_grad()
         loss.backward()
