@@ -198,9 +198,9 @@ class RunFolder:
 
     def load_task(self, checkpoint: str | Path | None = None) -> BaseTask:
         """The run's task with the best checkpoint's weights (or ``checkpoint``'s), on CPU, in eval mode."""
-        cls = self.task_class()  # imported first: Lightning only builds classes already imported
         ckpt = Path(checkpoint) if checkpoint else self.require(
             self.best_checkpoint, f"it is written after the first validation; train longer or resume with make resume RUN={self.name}")
+        cls = self.task_class()  # imported first: Lightning only builds classes already imported
         # pretrained=None: the checkpoint holds every weight, so nothing is fetched or read again
         task = cls.load_from_checkpoint(ckpt, map_location="cpu", pretrained=None)
         return task.eval()
