@@ -38,6 +38,11 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "run"
 
 
+def _inside(*parts: str, doc: str) -> property:
+    """A read-only path property: ``parts`` joined under the run's root."""
+    return property(lambda self: self.root.joinpath(*parts), doc=doc)
+
+
 @dataclass(frozen=True)
 class RunFolder:
     """One run's folder, ``<runs_dir>/<name>/``; its paths exist only once the run writes them."""
@@ -102,50 +107,17 @@ class RunFolder:
         """The folder that holds this run and its siblings."""
         return self.root.parent
 
-    @property
-    def config_path(self) -> Path:
-        """The resolved config, saved when fit starts."""
-        return self.root / self.CONFIG
-
-    @property
-    def checkpoints_dir(self) -> Path:
-        """Where best.ckpt and last.ckpt live."""
-        return self.root / self.CHECKPOINTS
-
-    @property
-    def best_checkpoint(self) -> Path:
-        """The checkpoint with the best monitored figure."""
-        return self.checkpoints_dir / self.BEST
-
-    @property
-    def last_checkpoint(self) -> Path:
-        """The latest full training state."""
-        return self.checkpoints_dir / self.LAST
-
-    @property
-    def metrics_path(self) -> Path:
-        """The final figures written after fit."""
-        return self.root / self.METRICS
-
-    @property
-    def predictions_dir(self) -> Path:
-        """predict's default output folder."""
-        return self.root / self.PREDICTIONS
-
-    @property
-    def csv_logs_dir(self) -> Path:
-        """The CSV logger's folder."""
-        return self.root / self.CSV_LOGS
-
-    @property
-    def tensorboard_dir(self) -> Path:
-        """The TensorBoard logger's folder."""
-        return self.root / self.TENSORBOARD
-
-    @property
-    def wandb_dir(self) -> Path:
-        """The W&B logger's folder (W&B itself names it wandb/ under its save_dir, the run folder)."""
-        return self.root / self.WANDB
+    # each a property: the layout reads as this table (names spelled in the constants above)
+    config_path = _inside(CONFIG, doc="The resolved config, saved when fit starts.")
+    checkpoints_dir = _inside(CHECKPOINTS, doc="Where best.ckpt and last.ckpt live.")
+    best_checkpoint = _inside(CHECKPOINTS, BEST, doc="The checkpoint with the best monitored figure.")
+    last_checkpoint = _inside(CHECKPOINTS, LAST, doc="The latest full training state.")
+    metrics_path = _inside(METRICS, doc="The final figures written after fit.")
+    predictions_dir = _inside(PREDICTIONS, doc="predict's default output folder.")
+    csv_logs_dir = _inside(CSV_LOGS, doc="The CSV logger's folder.")
+    tensorboard_dir = _inside(TENSORBOARD, doc="The TensorBoard logger's folder.")
+    # W&B itself adds wandb/ under its save_dir, which the CLI sets to the run folder
+    wandb_dir = _inside(WANDB, doc="The W&B logger's folder.")
 
     def evaluation_metrics_path(self, subcommand: str) -> Path:
         """``validate_metrics.json`` or ``test_metrics.json``: the figures of that subcommand's last run."""
