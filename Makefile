@@ -96,13 +96,13 @@ check-task:
 train: $(STAMP) check-task ## train TASK with BACKBONE on DATA (default: the generated shapes); writes runs/<RUN>/
 	$(PY) -m cvtasks fit $(CLI_ARGS) $(ARGS)
 
-evaluate: $(STAMP) ## evaluate a run's best checkpoint on its test split (RUN=...)
+evaluate: $(STAMP) ## evaluate a run's best checkpoint on its test split (RUN=...); writes runs/<RUN>/test_metrics.json
 	@test -n "$(RUN)" || { echo "error: make evaluate needs RUN=<run name>; see ls runs/" >&2; exit 2; }
-	$(PY) -m cvtasks test --config runs/$(RUN)/config.yaml --ckpt_path runs/$(RUN)/checkpoints/best.ckpt $(ARGS)
+	$(PY) -m cvtasks evaluate $(RUN) $(ARGS)
 
 predict: $(STAMP) ## predict on a folder of images with a run's best checkpoint (RUN=... INPUT=folder)
 	@test -n "$(RUN)" -a -n "$(INPUT)" || { echo "error: make predict needs RUN=<run> and INPUT=<folder of images>" >&2; exit 2; }
-	$(PY) -m cvtasks predict --config runs/$(RUN)/config.yaml --ckpt_path runs/$(RUN)/checkpoints/best.ckpt --data.predict_dir $(INPUT) $(ARGS)
+	$(PY) -m cvtasks predict-run $(RUN) $(INPUT) $(ARGS)
 
 resume: $(STAMP) ## continue an interrupted run from its folder alone (RUN=...)
 	@test -n "$(RUN)" || { echo "error: make resume needs RUN=<run name>; see ls runs/" >&2; exit 2; }

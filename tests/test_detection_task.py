@@ -139,7 +139,7 @@ def test_predict_writes_drawn_images_and_coco_results(cls: type, tmp_path: Path)
             m[0, 3:23, 2:12] = True
             r["masks"] = m
     out = tmp_path / "out"
-    written = task.save_predictions(records, out)
+    written = task.prediction_writer(out).write(records)
     assert (out / "img0.png").is_file() and (out / "img1.png").is_file() and out / "predictions.json" in written
     drawn = np.asarray(Image.open(out / "img0.png"))
     assert drawn.shape == (S, S + 8, 3) and (drawn != 0).any()  # the box was drawn on a black image
@@ -149,8 +149,7 @@ def test_predict_writes_drawn_images_and_coco_results(cls: type, tmp_path: Path)
     assert results[0]["bbox"] == pytest.approx([2.0, 3.0, 10.0, 20.0])
     assert ("segmentation" in results[0]) == (cls is InstanceSegmentationTask)
     # with a data module that has category ids, those are written
-    task._trainer = SimpleNamespace(datamodule=SimpleNamespace(category_ids=[7, 9, 11]))
-    task.save_predictions(records, out)
+    task.prediction_writer(out).write(records, datamodule=SimpleNamespace(category_ids=[7, 9, 11]))
     assert json.loads((out / "predictions.json").read_text())[0]["category_id"] == 11
 
 @pytest.mark.parametrize("cls", [DetectionTask, InstanceSegmentationTask])

@@ -14,12 +14,12 @@ from cvtasks.data.segmentation import (
     VOC_CLASSES,
     ShapesSegmentationDataModule,
     VOCSegmentationDataModule,
-    colour_overlay,
     read_mask,
     save_index_png,
     segmentation_transforms,
     voc_palette,
 )
+from cvtasks.visualize import colour_overlay
 
 # one distinct colour per label, far apart so that blending at edges cannot be mistaken for another
 COLOURS = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]], dtype=np.uint8)

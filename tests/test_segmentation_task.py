@@ -140,7 +140,7 @@ def test_predict_writes_masks_of_the_input_size(tmp_path: Path) -> None:
         for i in range(len(ds)):  # one image per batch; a batch of mixed sizes comes as a list
             records += task.predict_step(_predict_collate([ds[i]]), i)
         records += task.predict_step(_predict_collate([ds[0], ds[1]]), 2)
-    written = task.save_predictions(records, out)
+    written = task.prediction_writer(out).write(records)
     assert {p.name for p in written} == {"a.png", "a_overlay.png", "b.png", "b_overlay.png"}
     for name, (h, w) in sizes.items():
         with Image.open(out / f"{name}.png") as im:

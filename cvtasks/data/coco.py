@@ -288,14 +288,27 @@ def check_image_files(index: CocoIndex, images_dir: str | Path) -> list[Path]:
     return paths
 
 
-def predictions_to_coco(image_id: int, boxes: Any, scores: Any, labels: Any,
-                        category_ids: Sequence[int]) -> list[dict]:
-    """COCO result records (xywh boxes, the file's category ids) for one image's xyxy predictions."""
+def predictions_to_coco(image_id: int, boxes: Any, scores: Any, labels: Any, category_ids: Sequence[int], *,
+                        masks: Any = None, file_name: str | None = None) -> list[dict]:
+    """COCO result records (xywh boxes, the file's category ids) for one image's xyxy predictions.
+
+    ``masks``: the detections' (N, H, W) binary masks, written as compressed RLE ``segmentation``
+    (instance segmentation results); ``file_name``: recorded with each result, for predictions on
+    images that have no COCO image id of their own.
+    """
+    mask_array = None if masks is None else np.asarray(masks).astype(np.uint8)
     out = []
-    for box, score, label in zip(np.asarray(boxes, dtype=float).reshape(-1, 4),
-                                 np.asarray(scores, dtype=float).reshape(-1),
-                                 np.asarray(labels).reshape(-1), strict=True):
+    for j, (box, score, label) in enumerate(zip(np.asarray(boxes, dtype=float).reshape(-1, 4),
+                                                np.asarray(scores, dtype=float).reshape(-1),
+                                                np.asarray(labels).reshape(-1), strict=True)):
         x1, y1, x2, y2 = box.tolist()
-        out.append({"image_id": int(image_id), "category_id": int(category_ids[int(label)]),
-                    "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+        item: dict[str, Any] = {"image_id": int(image_id)}
+        if file_name is not None:
+            item["file_name"] = file_name
+        item.update({"category_id": int(category_ids[int(label)]), "bbox": [x1, y1, x2 - x1, y2 - y1],
+                     "score": float(score)})
+        if mask_array is not None:
+            rle = mask_utils.encode(np.asfortranarray(mask_array[j]))
+            item["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+        out.append(item)
     return out

@@ -28,7 +28,6 @@ __all__ = [
     "voc_palette",
     "read_mask",
     "save_index_png",
-    "colour_overlay",
     "check_mask",
     "segmentation_transforms",
     "ShapesSegmentationDataModule",
@@ -96,14 +95,6 @@ def save_index_png(mask: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
     im.save(path)
     return path
-
-
-def colour_overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """The image (H, W, 3) uint8 with each labelled pixel blended with its class colour (background kept)."""
-    colours = _PALETTE[np.asarray(mask, dtype=np.int64).clip(0, 255)].astype(np.float32)
-    blend = (1 - alpha) * image.astype(np.float32) + alpha * colours
-    keep = (np.asarray(mask) == 0)[..., None]
-    return np.where(keep, image, blend).round().clip(0, 255).astype(np.uint8)
 
 
 def segmentation_transforms(

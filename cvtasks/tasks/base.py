@@ -9,23 +9,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from lightning import LightningModule
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from ..backbone import IMAGENET_MEAN, IMAGENET_STD
+from .. import visualize
+from ..writers import PredictionWriter
 
-__all__ = ["BaseTask", "denormalise"]
+__all__ = ["BaseTask"]
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("cosine", "step", "none")
-
-
-def denormalise(images: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
-    """Normalised float images (B, 3, H, W) back to uint8 for display."""
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float() * s + m).clamp(0, 1).mul(255).round().to(torch.uint8)
 
 
 class BaseTask(LightningModule):
@@ -148,60 +141,11 @@ class BaseTask(LightningModule):
         masks: list[dict[str, np.ndarray]] | None = None,
         boxes: list[dict[str, dict[str, Any]]] | None = None,
     ) -> None:
-        """Log images to W&B (with mask overlays and boxes) or TensorBoard; other loggers get nothing.
-
-        ``images`` are uint8 (B, 3, H, W) tensors or HxWx3 arrays. ``masks``: per image, a dict such
-        as {"prediction": HxW ints, "ground_truth": HxW ints}. ``boxes``: per image, a dict such as
-        {"prediction": {"boxes": Nx4 xyxy pixels, "labels": N, "scores": N}, "ground_truth": {...}}.
-        """
-        if isinstance(images, Tensor):
-            if images.dtype != torch.uint8:
-                images = denormalise(images)
-            arrays = [im.permute(1, 2, 0).cpu().numpy() for im in images]
-        else:
-            arrays = list(images)
-        class_labels = {i: n for i, n in enumerate(self.class_names)}
-        for logger in self.loggers:
-            # by type: AutoWandbLogger (the default) and any other subclass are W&B loggers too
-            if isinstance(logger, WandbLogger):
-                import wandb
-
-                items = []
-                for i, arr in enumerate(arrays):
-                    kw: dict[str, Any] = {}
-                    if captions:
-                        kw["caption"] = captions[i]
-                    if masks:
-                        kw["masks"] = {
-                            name: {"mask_data": np.asarray(m, dtype=np.int32), "class_labels": class_labels}
-                            for name, m in masks[i].items()
-                        }
-                    if boxes:
-                        kw["boxes"] = {name: _wandb_boxes(b, class_labels) for name, b in boxes[i].items()}
-                    items.append(wandb.Image(arr, **kw))
-                logger.experiment.log({key: items, "trainer/global_step": self.global_step})
-            elif isinstance(logger, TensorBoardLogger):
-                stack = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-                logger.experiment.add_images(key, stack, self.global_step)
+        """Log images to the run's W&B or TensorBoard loggers (see ``cvtasks.visualize.log_images``)."""
+        visualize.log_images(self.loggers, key, images, step=self.global_step, class_names=self.class_names,
+                             captions=captions, masks=masks, boxes=boxes)
 
     # -- predict -----------------------------------------------------------------------------
-    def save_predictions(self, records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-        """Write predict's records under ``out_dir``; each task says how."""
+    def prediction_writer(self, out_dir: Path) -> PredictionWriter:
+        """The callback that writes this task's predictions under ``out_dir`` (the CLI adds it to predict)."""
         raise NotImplementedError(f"{type(self).__name__} does not write predictions")
-
-
-def _wandb_boxes(b: dict[str, Any], class_labels: dict[int, str]) -> dict[str, Any]:
-    data = []
-    scores = b.get("scores")
-    for j, (box, label) in enumerate(zip(np.asarray(b["boxes"]).tolist(), np.asarray(b["labels"]).tolist())):
-        item: dict[str, Any] = {
-            "position": {"minX": box[0], "minY": box[1], "maxX": box[2], "maxY": box[3]},
-            "domain": "pixel",
-            "class_id": int(label),
-            "box_caption": class_labels.get(int(label), str(label)),
-        }
-        if scores is not None:
-            item["scores"] = {"score": float(np.asarray(scores)[j])}
-            item["box_caption"] += f" {float(np.asarray(scores)[j]):.2f}"
-        data.append(item)
-    return {"box_data": data, "class_labels": class_labels}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +12,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..backbone import create_classifier
+from ..writers import ClassificationWriter
 from .base import BaseTask
 
 __all__ = ["ClassificationTask"]
@@ -86,13 +85,6 @@ class ClassificationTask(BaseTask):
             for p, l, s in zip(batch["path"], label.tolist(), score.tolist())
         ]
 
-    def save_predictions(self, records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    def prediction_writer(self, out_dir: Path) -> ClassificationWriter:
         """predictions.csv and predictions.json: image path, predicted class and its score."""
-        out_dir.mkdir(parents=True, exist_ok=True)
-        csv_path, json_path = out_dir / "predictions.csv", out_dir / "predictions.json"
-        with csv_path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["path", "label", "class", "score"])
-            writer.writeheader()
-            writer.writerows(records)
-        json_path.write_text(json.dumps(records, indent=2))
-        return [csv_path, json_path]
+        return ClassificationWriter(out_dir)

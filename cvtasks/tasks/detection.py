@@ -14,18 +14,16 @@ masks with a ``segm_`` prefix (``segm_map``, ``segm_map_50``, ..., ``segm_ap_<cl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
-from torchvision.io import write_png
-from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from ..detection.models import DETECTORS, build_detector, detector_names
 from ..metrics import UnevenMeanAveragePrecision
+from ..visualize import draw_instance_masks, to_uint8
+from ..writers import DetectionWriter
 from .base import BaseTask
 
 __all__ = ["DetectionTask", "InstanceSegmentationTask"]
@@ -33,36 +31,7 @@ __all__ = ["DetectionTask", "InstanceSegmentationTask"]
 _SUMMARY_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large",
                  "mar_1", "mar_10", "mar_100", "mar_small", "mar_medium", "mar_large")
 
-# distinct colours per class for drawn predictions (tab10)
-_PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-            "#bcbd22", "#17becf"]
-
 Batch = tuple[Sequence[Tensor], Sequence[dict[str, Any]]]
-
-
-def _colour(label: int) -> str:
-    return _PALETTE[int(label) % len(_PALETTE)]
-
-
-def _to_uint8(image: Tensor) -> Tensor:
-    """A [0, 1] float CxHxW image as uint8 RGB (grey images repeated to 3 channels)."""
-    img = image.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
-    return img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
-
-
-def draw_detections(image: Tensor, boxes: Tensor, labels: Tensor, class_names: Sequence[str],
-                    scores: Tensor | None = None, masks: Tensor | None = None) -> Tensor:
-    """uint8 CxHxW image with (masks and) boxes drawn, captioned with class names (and scores)."""
-    labels = labels.cpu()
-    colours = [_colour(int(l)) for l in labels]
-    if masks is not None and len(masks):
-        image = draw_segmentation_masks(image, masks.bool().cpu(), alpha=0.45, colors=colours)
-    if len(boxes):
-        names = [class_names[int(l)] if int(l) < len(class_names) else str(int(l)) for l in labels]
-        if scores is not None:
-            names = [f"{n} {float(s):.2f}" for n, s in zip(names, scores)]
-        image = draw_bounding_boxes(image, boxes.detach().float().cpu(), labels=names, colors=colours, width=1)
-    return image
 
 
 class DetectionTask(BaseTask):
@@ -210,10 +179,9 @@ class DetectionTask(BaseTask):
         pictures, boxes = [], []
         for img, p, t in list(zip(images, preds, targets))[:n]:
             keep = p["scores"] >= self.draw_score_threshold
-            canvas = _to_uint8(img)
+            canvas = to_uint8(img)
             if self.with_masks and bool(keep.any()):  # drawn into the picture: log_images' overlay is semantic
-                canvas = draw_segmentation_masks(canvas, (p["masks"][keep, 0] > 0.5).cpu(), alpha=0.45,
-                                                 colors=[_colour(int(l)) for l in p["labels"][keep]])
+                canvas = draw_instance_masks(canvas, p["masks"][keep, 0] > 0.5, p["labels"][keep])
             pictures.append(canvas.permute(1, 2, 0).numpy())
             boxes.append({
                 "prediction": {"boxes": p["boxes"][keep].cpu().numpy(), "labels": p["labels"][keep].cpu().numpy(),
@@ -236,53 +204,9 @@ class DetectionTask(BaseTask):
             records.append(rec)
         return records
 
-    def _category_ids(self) -> list[int]:
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        ids = getattr(dm, "category_ids", None)
-        return list(ids) if ids else [i + 1 for i in range(self.num_classes)]
-
-    def save_predictions(self, records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-        """One drawn image per input (``<stem>.png``) and ``predictions.json`` in COCO results format.
-
-        COCO results carry the dataset's category ids (the data module's ``category_ids``, else
-        label + 1), boxes as xywh, ``image_id`` the image's position in the sorted list and
-        ``file_name`` its path; masks as RLE ``segmentation`` for instance segmentation.
-        """
-        from pycocotools import mask as mask_utils
-
-        from ..data.base import read_image
-
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        category_ids = self._category_ids()
-        results: list[dict[str, Any]] = []
-        written: list[Path] = []
-        used: set[str] = set()
-        for image_id, rec in enumerate(records):
-            image = torch.from_numpy(read_image(rec["path"]).copy()).permute(2, 0, 1)
-            keep = rec["scores"] >= self.draw_score_threshold
-            masks = rec.get("masks")
-            drawn = draw_detections(image, rec["boxes"][keep], rec["labels"][keep], self.class_names,
-                                    rec["scores"][keep], None if masks is None else masks[keep])
-            stem = Path(rec["path"]).stem
-            name = stem if stem not in used else f"{stem}_{image_id}"
-            used.add(name)
-            target = out_dir / f"{name}.png"
-            write_png(drawn, str(target))
-            written.append(target)
-            for j, (box, score, label) in enumerate(zip(rec["boxes"].tolist(), rec["scores"].tolist(),
-                                                        rec["labels"].tolist())):
-                x1, y1, x2, y2 = box
-                item: dict[str, Any] = {"image_id": image_id, "file_name": rec["path"],
-                                        "category_id": int(category_ids[int(label)]),
-                                        "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)}
-                if masks is not None:
-                    rle = mask_utils.encode(np.asfortranarray(masks[j].numpy().astype(np.uint8)))
-                    item["segmentation"] = {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
-                results.append(item)
-        json_path = out_dir / "predictions.json"
-        json_path.write_text(json.dumps(results))
-        return [json_path, *written]
+    def prediction_writer(self, out_dir: Path) -> DetectionWriter:
+        """Drawn images (detections scoring ``draw_score_threshold`` or more) and COCO results JSON."""
+        return DetectionWriter(out_dir, self.class_names, self.draw_score_threshold)
 
 
 class InstanceSegmentationTask(DetectionTask):

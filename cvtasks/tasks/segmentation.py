@@ -8,17 +8,17 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from ..crf import DenseCRF
-from ..data.base import read_image
-from ..data.segmentation import IGNORE_INDEX, colour_overlay, save_index_png
+from ..data.segmentation import IGNORE_INDEX
 from ..registry import get_backbone_entry
 from ..heads.segmentation import SEGMENTATION_HEADS, build_segmentation_model
-from .base import BaseTask, denormalise
+from ..visualize import denormalise
+from ..writers import SegmentationWriter
+from .base import BaseTask
 
 __all__ = ["SemanticSegmentationTask", "dice_loss"]
 
@@ -187,18 +187,6 @@ class SemanticSegmentationTask(BaseTask):
             records.append({"path": str(path), "mask": pred[0].cpu().numpy().astype(np.uint8)})
         return records
 
-    def save_predictions(self, records: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-        """Write ``<stem>.png`` (index PNG, VOC palette) and ``<stem>_overlay.png`` per input image."""
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        written: list[Path] = []
-        for rec in records:
-            stem = Path(rec["path"]).stem
-            mask = rec["mask"]
-            written.append(save_index_png(mask, out_dir / f"{stem}.png"))
-            image = read_image(rec["path"])
-            if image.shape[:2] == mask.shape:
-                overlay = out_dir / f"{stem}_overlay.png"
-                Image.fromarray(colour_overlay(image, mask)).save(overlay)
-                written.append(overlay)
-        return written
+    def prediction_writer(self, out_dir: Path) -> SegmentationWriter:
+        """An index PNG and an overlay PNG per image."""
+        return SegmentationWriter(out_dir)
