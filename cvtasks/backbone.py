@@ -130,7 +130,9 @@ class BackboneSpec:
             return
         valid = self.supported_output_strides
         if len(valid) == 1:
-            fix = f"{net} has no dilated variant (it does not dilate): leave output_stride unset or pass {valid[0]}"
+            dilating = _registered_where(lambda spec: len(spec.supported_output_strides) > 1)
+            fix = (f"{net} has no dilated variant (it does not dilate): leave output_stride unset or pass "
+                   f"{valid[0]}, or choose a backbone that dilates ({dilating})")
         else:
             choices = ", ".join(map(str, valid[:-1])) + f" or {valid[-1]}"
             fix = f"pass {choices} (below {self.native_stride} the last strides are replaced by dilation)"
@@ -152,12 +154,11 @@ class BackboneSpec:
         strict; a missing interface is an error naming the backbones that have it.
         """
         if request.pool_indices and not self.exposes_pool_indices:
-            having = [n for n in list_backbones() if not n.startswith("_")
-                      and get_backbone_entry(n).spec.exposes_pool_indices]
+            having = _registered_where(lambda spec: spec.exposes_pool_indices, limit=8)
             raise ValueError(
                 f"{asker} needs a backbone that exposes its max-pool indices (spec exposes_pool_indices=True "
                 f"and forward_with_pool_indices(x)), but backbone {backbone!r} does not; use one that does "
-                f"({', '.join(having) or 'none registered'}) or another head"
+                f"({having}) or another head"
             )
         want = request.output_stride
         if want is None:
@@ -176,6 +177,14 @@ class BackboneSpec:
             stacklevel=3,
         )
         return {}
+
+
+def _registered_where(predicate: Any, limit: int = 4) -> str:
+    """Registered names whose spec satisfies ``predicate``, for error messages (read without building)."""
+    names = [n for n in list_backbones() if not n.startswith("_") and predicate(get_backbone_entry(n).spec)]
+    if not names:
+        return "none registered"
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
 def backbone_normalization(name: str | None) -> Normalization:
