@@ -138,7 +138,7 @@ def _published(entry: Any) -> str:
 def observe(name: str, with_compile: bool) -> dict[str, Any]:
     """Every column of one backbone's row, observed now."""
     entry = get_backbone_entry(name)
-    size = max(entry.min_input_size, 32)
+    size = entry.spec.min_input_size
     native = entry.input_size  # exports and layouts are checked where the net is used: at its own size
     row: dict[str, Any] = {"name": name, "family": entry.family, "paper": entry.paper, "reference": entry.reference or "-"}
     try:
@@ -147,8 +147,7 @@ def observe(name: str, with_compile: bool) -> dict[str, Any]:
                    levels=" ".join(f"{f.name}:{f.channels}@{f.stride}" for f in m["features"]))
     except Exception as exc:
         row.update(params="-", gflops="-", native=entry.input_size, levels=f"({type(exc).__name__})")
-    probe = entry.build()
-    row["output_stride"] = "/".join(str(s) for s in getattr(probe, "supported_output_strides", (32,)))
+    row["output_stride"] = "/".join(str(s) for s in entry.spec.supported_output_strides)
     row["parity"] = _try(lambda: check_parity(name).split("(")[0].strip() if entry.reference and ":" in entry.reference else "-")
     row["published params"] = _try(lambda: _published(entry))
     row["classification step"] = _try(lambda: _train_step(name, size))

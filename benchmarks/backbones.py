@@ -33,7 +33,7 @@ def bench_backbone(name: str, size: int | None, batch: int, repeats: int, device
     num_classes = num_classes_of(ref)
     ours = create_classifier(name, num_classes=num_classes)
     size = size or entry.input_size
-    size = max(size, entry.min_input_size)
+    size = max(size, entry.spec.min_input_size)
     size = getattr(entry.builder, "parity_size", None) or size  # a reference fixed to one size (ViT: 224)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, num_classes, (batch,), device=device)

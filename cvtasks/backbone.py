@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .layers import check_input_side
-from .registry import get_backbone_entry
+from .layers import SUPPORTED_OUTPUT_STRIDES, check_input_side
+from .registry import get_backbone_entry, list_backbones
 
 __all__ = [
     "FeatureInfo",
+    "BackboneSpec",
+    "BackboneRequest",
+    "Normalization",
+    "backbone_normalization",
     "Backbone",
     "StagedBackbone",
     "Classifier",
@@ -25,10 +30,15 @@ __all__ = [
     "adapt_input_conv",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "INCEPTION_MEAN",
+    "INCEPTION_STD",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: timm's IMAGENET_INCEPTION_MEAN/STD: inputs scaled to [-1, 1] (Inception, Xception, timm's ResNetV2 and ViTs)
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,153 @@ class FeatureInfo:
     name: str
     channels: int
     stride: int
+
+
+class Normalization(NamedTuple):
+    """The per-channel mean and std (of pixels in [0, 1]) that a backbone's published weights expect."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class BackboneRequest:
+    """What a head (or detector) asks of a backbone, declared beside it and checked before the backbone is built.
+
+    ``output_stride``: the coarsest stride it wants, by dilation (DeepLabV3 asks for 16). Unless
+    ``strict``, a backbone that cannot give it is built at its own stride, with a warning.
+    ``pool_indices``: it reads the encoder's max-pool indices (the SegNet-like unpool decoder).
+    """
+
+    output_stride: int | None = None
+    strict: bool = False
+    pool_indices: bool = False
+
+    def __post_init__(self) -> None:
+        if self.output_stride is not None and self.output_stride not in SUPPORTED_OUTPUT_STRIDES:
+            raise ValueError(
+                f"output_stride={self.output_stride!r} cannot be asked of a backbone; ask for one of "
+                f"{SUPPORTED_OUTPUT_STRIDES} (8 and 16 by dilation)"
+            )
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone can do: declared once by its class (``spec = BackboneSpec(...)``), checked when it is built.
+
+    - ``supported_output_strides``: the coarsest strides it can be built at (its ``output_stride``
+      keyword); its own stride alone when the family does not dilate, e.g. ``(8, 16, 32)`` else.
+    - ``min_input_size``: the smallest square input side at which every declared level is
+      meaningful (its map size within 1.5x of input/stride); predict pads smaller images to it.
+    - ``mean``/``std``: the normalisation its published weights expect (ImageNet's by default;
+      timm's Inception-style weights expect 0.5/0.5, i.e. inputs in [-1, 1]).
+    - ``exposes_pool_indices``: it has ``forward_with_pool_indices(x)`` (features and max-pool indices).
+
+    A registration may change fields for one variant (``register_backbone(..., spec={...})``), and a
+    family whose capabilities follow its keywords overrides ``Backbone.spec_for``.
+    """
+
+    supported_output_strides: tuple[int, ...] = (32,)
+    min_input_size: int = 32
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    exposes_pool_indices: bool = False
+
+    def __post_init__(self) -> None:
+        # lists (from YAML or a plugin) become tuples, so that specs compare equal and hash
+        for name in ("supported_output_strides", "mean", "std"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        strides = self.supported_output_strides
+        if not strides or any(not isinstance(s, int) or s < 1 for s in strides):
+            raise ValueError(f"BackboneSpec.supported_output_strides must be positive integers, got {strides}")
+        if not isinstance(self.min_input_size, int) or self.min_input_size < 1:
+            raise ValueError(f"BackboneSpec.min_input_size must be a positive integer, got {self.min_input_size!r}")
+        if not self.mean or len(self.mean) != len(self.std) or any(s <= 0 for s in self.std):
+            raise ValueError(
+                f"BackboneSpec mean {self.mean} and std {self.std} need one value per channel each, std positive"
+            )
+
+    @property
+    def native_stride(self) -> int:
+        """The stride it has when nothing is dilated (the largest supported)."""
+        return max(self.supported_output_strides)
+
+    @property
+    def normalization(self) -> Normalization:
+        """``(mean, std)`` of its published weights."""
+        return Normalization(self.mean, self.std)
+
+    def check_output_stride(self, output_stride: int | None, net: str) -> None:
+        """Raise naming the valid values when ``net`` cannot be built at ``output_stride`` (None: its own)."""
+        if output_stride is None or output_stride in self.supported_output_strides:
+            return
+        valid = self.supported_output_strides
+        if len(valid) == 1:
+            dilating = _registered_where(lambda spec: len(spec.supported_output_strides) > 1)
+            fix = (f"{net} has no dilated variant (it does not dilate): leave output_stride unset or pass "
+                   f"{valid[0]}, or choose a backbone that dilates ({dilating})")
+        else:
+            choices = ", ".join(map(str, valid[:-1])) + f" or {valid[-1]}"
+            fix = f"pass {choices} (below {self.native_stride} the last strides are replaced by dilation)"
+        raise ValueError(f"{net}: output_stride={output_stride!r} is not supported; valid values are {valid}; {fix}")
+
+    def check_build(self, cls: type, kwargs: Mapping[str, Any]) -> None:
+        """What is checked once, when ``cls`` is built with ``kwargs``: the output stride and the declared interfaces."""
+        self.check_output_stride(kwargs.get("output_stride"), cls.__name__)
+        if self.exposes_pool_indices and not callable(getattr(cls, "forward_with_pool_indices", None)):
+            raise TypeError(
+                f"{cls.__name__} declares exposes_pool_indices=True in its spec but has no "
+                f"forward_with_pool_indices(x); add the method or declare False"
+            )
+
+    def resolve(self, request: BackboneRequest, *, backbone: str, asker: str) -> dict[str, Any]:
+        """The build keywords that meet ``request`` (``asker``, e.g. "head 'deeplabv3'", names who asks).
+
+        A stride the backbone cannot give falls back to its own with a warning unless the request is
+        strict; a missing interface is an error naming the backbones that have it.
+        """
+        if request.pool_indices and not self.exposes_pool_indices:
+            having = _registered_where(lambda spec: spec.exposes_pool_indices, limit=8)
+            raise ValueError(
+                f"{asker} needs a backbone that exposes its max-pool indices (spec exposes_pool_indices=True "
+                f"and forward_with_pool_indices(x)), but backbone {backbone!r} does not; use one that does "
+                f"({having}) or another head"
+            )
+        want = request.output_stride
+        if want is None:
+            return {}
+        if want in self.supported_output_strides:
+            # the native stride is what the backbone's own defaults build (4 for the CIFAR WRNs)
+            return {} if want == self.native_stride else {"output_stride": want}
+        if request.strict:
+            raise ValueError(
+                f"{asker} needs output_stride={want}, but backbone {backbone!r} supports only "
+                f"{self.supported_output_strides}; choose a backbone that dilates to {want}"
+            )
+        warnings.warn(
+            f"backbone {backbone!r} does not support output_stride={want} by dilation (its spec supports "
+            f"{self.supported_output_strides}); {asker} runs on it at its own stride {self.native_stride}",
+            stacklevel=3,
+        )
+        return {}
+
+
+def _registered_where(predicate: Any, limit: int = 4) -> str:
+    """Registered names whose spec satisfies ``predicate``, for error messages (read without building)."""
+    names = [n for n in list_backbones() if not n.startswith("_") and predicate(get_backbone_entry(n).spec)]
+    if not names:
+        return "none registered"
+    return ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+def backbone_normalization(name: str | None) -> Normalization:
+    """``(mean, std)`` that backbone ``name``'s published weights expect, read from its spec without building it.
+
+    ``None`` gives ImageNet's. Meant for linking a data module's ``mean``/``std`` to the model's backbone.
+    """
+    if name is None:
+        return Normalization(IMAGENET_MEAN, IMAGENET_STD)
+    return get_backbone_entry(name).spec.normalization
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
@@ -88,16 +245,29 @@ class Backbone(nn.Module):
     feature_info: list[FeatureInfo]
     # TorchScript compiles properties; these are Python-side descriptions only
     __jit_unused_properties__ = ["feature_names", "out_channels"]
-    __jit_ignored_attributes__ = ["feature_info", "supported_output_strides", "output_stride"]
+    __jit_ignored_attributes__ = ["feature_info", "spec", "output_stride"]
+    #: what the family can do; each built instance holds the spec of its own keywords (``spec_for``)
+    spec: BackboneSpec = BackboneSpec()
     #: keys of the reference state_dict that belong to the classifier head (prefixes)
     head_prefixes: tuple[str, ...] = ("fc.",)
     #: our key of the first convolution's weight (adapted when in_chans != 3)
     first_conv: str | None = None
-    #: normalisation the reference weights expect
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    #: whether the net was built with an output_stride other than 32 (by dilation)
+    #: the coarsest stride the net was built at (below its native stride by dilation)
     output_stride: int = 32
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Backbone":
+        # checked here, before __init__ builds a layer: every way of building (the registry, the class
+        # called directly, a factory) gets the same check, and plugins write none of their own
+        spec = cls.spec_for(**kwargs)
+        spec.check_build(cls, kwargs)
+        self = super().__new__(cls)
+        object.__setattr__(self, "spec", spec)
+        return self
+
+    @classmethod
+    def spec_for(cls, **kwargs: Any) -> BackboneSpec:
+        """The spec of this class built with ``kwargs``; a family whose capabilities follow its keywords overrides it."""
+        return cls.spec
 
     @property
     def feature_names(self) -> list[str]:

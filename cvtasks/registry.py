@@ -6,9 +6,12 @@ import difflib
 import fnmatch
 import importlib
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from importlib.metadata import entry_points
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, TypeVar
+
+if TYPE_CHECKING:  # the contract imports the registry, so the registry reads it lazily
+    from .backbone import BackboneSpec
 
 __all__ = [
     "BackboneEntry",
@@ -39,7 +42,7 @@ class PluginLoadError(ImportError):
 
 @dataclass(frozen=True)
 class BackboneEntry:
-    """What the registry knows of one backbone: how to build it and where it comes from."""
+    """What the registry knows of one backbone: how to build it, where it comes from, what it can do."""
 
     name: str
     builder: Callable[..., Any]
@@ -47,11 +50,35 @@ class BackboneEntry:
     paper: str = ""
     reference: str = ""
     input_size: int = 224
-    min_input_size: int = 32
     published_params: str = ""
     num_classes: int = 1000
     defaults: dict[str, Any] = field(default_factory=dict)
     module: str = ""
+    #: the fields of the builder's BackboneSpec that this registration changes (a variant's weights)
+    spec_fields: dict[str, Any] = field(default_factory=dict)
+
+    def spec_for(self, **kwargs: Any) -> BackboneSpec:
+        """The spec of this backbone built with ``kwargs`` (over the entry's defaults), without building it."""
+        from .backbone import BackboneSpec
+
+        kw = {**self.defaults, **kwargs}
+        kw.pop("pretrained", None)
+        if callable(getattr(self.builder, "spec_for", None)):
+            base = self.builder.spec_for(**kw)
+        else:  # a factory function may carry a spec; else it gets the defaults
+            base = getattr(self.builder, "spec", None)
+            base = base if isinstance(base, BackboneSpec) else BackboneSpec()
+        return replace(base, **self.spec_fields) if self.spec_fields else base
+
+    @property
+    def spec(self) -> BackboneSpec:
+        """The spec of this backbone built with the entry's defaults."""
+        return self.spec_for()
+
+    @property
+    def min_input_size(self) -> int:
+        """The smallest input side the backbone is declared for (``spec.min_input_size``)."""
+        return self.spec.min_input_size
 
     def build(self, **kwargs: Any) -> Any:
         """Build the backbone with the entry's defaults overridden by ``kwargs``.
@@ -61,6 +88,9 @@ class BackboneEntry:
         """
         pretrained = kwargs.pop("pretrained", None)
         model = self.builder(**{**self.defaults, **kwargs})
+        if self.spec_fields:
+            # the class checked and recorded its own spec; the registration adds what this variant changes
+            object.__setattr__(model, "spec", replace(model.spec, **self.spec_fields))
         if pretrained:
             model.load_pretrained(pretrained)
         return model
@@ -82,13 +112,17 @@ def register_backbone(
     paper: str = "",
     reference: str = "",
     input_size: int = 224,
-    min_input_size: int = 32,
+    min_input_size: int | None = None,
+    spec: Mapping[str, Any] | None = None,
     published_params: str = "",
     num_classes: int = 1000,
     **defaults: Any,
 ) -> Callable[[T], T]:
     """Register a backbone class or factory under ``name`` (a decorator; extra keywords become defaults).
 
+    What the backbone can do is its class's ``spec`` (a BackboneSpec); ``spec`` here names the fields
+    that this variant changes (e.g. ``spec={"mean": ..., "std": ...}`` for weights normalised their
+    own way), and ``min_input_size=n`` is short for ``spec={"min_input_size": n}``.
     ``published_params`` quotes the paper's parameter count for nets without a ``reference``
     implementation to compare with (docs/backbones.md sets it beside ours); ``num_classes`` is the
     class count of the documented head (1000 for ImageNet nets, 10 for LeNet-5 and the CIFAR WRNs).
@@ -98,6 +132,7 @@ def register_backbone(
     """
     if not name or not isinstance(name, str):
         raise ValueError(f"register_backbone needs a non-empty name, got {name!r}")
+    spec_fields = _check_spec_fields(name, {**(spec or {}), **({} if min_input_size is None else {"min_input_size": min_input_size})})
 
     def decorator(obj: T) -> T:
         entry = BackboneEntry(
@@ -107,16 +142,18 @@ def register_backbone(
             paper=paper,
             reference=reference,
             input_size=input_size,
-            min_input_size=min_input_size,
             published_params=published_params,
             num_classes=num_classes,
             defaults=dict(defaults),
             module=getattr(obj, "__module__", ""),
+            spec_fields=spec_fields,
         )
         with _LOCK:
             taken = _REGISTRY.get(name)
             if taken is not None and (
-                _origin(taken.builder) != _origin(obj) or taken.defaults != entry.defaults
+                _origin(taken.builder) != _origin(obj)
+                or taken.defaults != entry.defaults
+                or taken.spec_fields != entry.spec_fields
             ):
                 raise ValueError(
                     f"backbone name {name!r} is already registered by "
@@ -127,6 +164,21 @@ def register_backbone(
         return obj
 
     return decorator
+
+
+def _check_spec_fields(name: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """The registration's spec changes, refused now (naming the backbone) when a field or value is wrong."""
+    from .backbone import BackboneSpec
+
+    valid = [f.name for f in fields(BackboneSpec)]
+    unknown = sorted(set(changes) - set(valid))
+    if unknown:
+        raise ValueError(f"register_backbone({name!r}): spec has no fields {unknown}; valid fields are {valid}")
+    try:
+        replace(BackboneSpec(), **changes)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"register_backbone({name!r}): {exc}") from None
+    return dict(changes)
 
 
 def load_plugins() -> None:
@@ -178,6 +230,7 @@ def get_backbone_entry(name: str) -> BackboneEntry:
                 reference=name[len("timm/") :],
                 defaults={**bridge.defaults, "model_name": name[len("timm/") :]},
                 module=bridge.module,
+                spec_fields=bridge.spec_fields,
             )
     try:
         return _REGISTRY[name]

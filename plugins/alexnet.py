@@ -8,7 +8,7 @@ ReLU of conv1 and conv2, before their max pools (Section 3.3), and loads the sam
 Levels are the three overlapping 3x3/2 max pools: ``pool1`` (stride 8: conv1's stride 4 times the
 pool's 2), ``pool2`` (16) and ``pool5`` (32). The pools and conv1 do not pad, so the net takes no
 input below 63x63 (pool5 is then 1x1), and the declared strides match the maps' sizes within the
-conformance checks' tolerance from 95x95 on (pool5 2x2), the ``min_input_size`` registered.
+conformance checks' tolerance from 95x95 on (pool5 2x2), the spec's ``min_input_size``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Iterable, Mapping
 
 from torch import Tensor, nn
 
-from cvtasks.backbone import StagedBackbone
+from cvtasks.backbone import BackboneSpec, StagedBackbone
 from cvtasks.layers import ConvNormAct, LocalResponseNorm
 from cvtasks.registry import register_backbone
 from cvtasks.layers import min_input_side
@@ -49,7 +49,7 @@ class AlexNet(StagedBackbone):
     No dilated variant: ``output_stride`` must be 32.
     """
 
-    supported_output_strides = (32,)
+    spec = BackboneSpec(min_input_size=95)
     first_conv = "stages.block1.conv1.conv.weight"
     head_prefixes = ("classifier.",)
 
@@ -66,11 +66,6 @@ class AlexNet(StagedBackbone):
         lrn_beta: float = 0.75,
     ) -> None:
         super().__init__()
-        if output_stride not in self.supported_output_strides:
-            raise ValueError(
-                f"AlexNet does not support output_stride={output_stride}: it has no dilated variant; "
-                f"valid values are {self.supported_output_strides}"
-            )
         if lrn and (lrn_size < 1 or lrn_size % 2 == 0):
             raise ValueError(f"lrn_size must be an odd number of channels (the paper's n=5), got {lrn_size}")
         self.lrn = lrn
@@ -121,11 +116,11 @@ class AlexNet(StagedBackbone):
 
 
 register_backbone(
-    "alexnet", family="alexnet", paper=_PAPER, reference="torchvision:alexnet", input_size=224, min_input_size=95, lrn=False
+    "alexnet", family="alexnet", paper=_PAPER, reference="torchvision:alexnet", input_size=224, lrn=False
 )(AlexNet)
 # LRN changes the outputs, so there is no reference to compare logits with; torchvision's
 # alexnet weights still load (LRN has no parameters)
 register_backbone(
-    "alexnet_lrn", family="alexnet", paper=_PAPER, reference="", input_size=224, min_input_size=95,
+    "alexnet_lrn", family="alexnet", paper=_PAPER, reference="", input_size=224,
     published_params="60M (paper, section 1: '60 million parameters')", lrn=True
 )(AlexNet)

@@ -99,7 +99,6 @@ class DenseNet(StagedBackbone):
 
     first_conv = "stages.stem.conv0.weight"
     head_prefixes = ("classifier.",)
-    supported_output_strides = (32,)
 
     def __init__(
         self,
@@ -115,11 +114,6 @@ class DenseNet(StagedBackbone):
         output_stride: int = 32,
     ) -> None:
         super().__init__()
-        if output_stride != 32:
-            raise ValueError(
-                f"densenet: output_stride={output_stride!r} is not supported; DenseNet does not dilate, "
-                f"pass output_stride=32 (or choose a dilating backbone such as resnet50 or mobilenet_v2)"
-            )
         self.stages["stem"] = nn.Sequential(OrderedDict(
             conv0=nn.Conv2d(in_chans, num_init_features, 7, 2, 3, bias=False),
             norm0=nn.BatchNorm2d(num_init_features),
@@ -187,6 +181,5 @@ for _name, _cfg in _VARIANTS.items():
         paper="Huang et al., Densely Connected Convolutional Networks, CVPR 2017",
         reference=f"torchvision:{_name}",
         input_size=224,
-        min_input_size=32,
         **_cfg,
     )(DenseNet)

@@ -17,12 +17,11 @@ from typing import Iterable, Mapping
 
 from torch import Tensor, nn
 
-from cvtasks.backbone import StagedBackbone
+from cvtasks.backbone import BackboneSpec, StagedBackbone
 from cvtasks.layers import (
     SUPPORTED_OUTPUT_STRIDES,
     ConvNormAct,
     InvertedResidual,
-    check_output_stride,
     dilation_plan,
     make_divisible,
 )
@@ -95,7 +94,7 @@ class EfficientNet(StagedBackbone):
     last width. Stochastic depth grows linearly to ``stochastic_depth_prob`` over the blocks (training only).
     """
 
-    supported_output_strides = SUPPORTED_OUTPUT_STRIDES
+    spec = BackboneSpec(supported_output_strides=SUPPORTED_OUTPUT_STRIDES)
     first_conv = "stages.stage1.stem.conv.weight"
     head_prefixes = ("classifier.",)
 
@@ -113,7 +112,6 @@ class EfficientNet(StagedBackbone):
         norm_momentum: float = 0.1,
     ) -> None:
         super().__init__()
-        check_output_stride(output_stride, "efficientnet")
         if width_mult <= 0 or depth_mult <= 0:
             raise ValueError(
                 f"efficientnet: width_mult and depth_mult must be positive, got {width_mult}, {depth_mult}"
@@ -194,6 +192,5 @@ for _name, _cfg in VARIANTS.items():
         paper="Tan & Le, EfficientNet: Rethinking Model Scaling for Convolutional Neural Networks, ICML 2019",
         reference=f"torchvision:{_name}",
         input_size=_COEFFS[_name][2],
-        min_input_size=32,
         **_cfg,
     )(EfficientNet)

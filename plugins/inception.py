@@ -13,7 +13,7 @@ branches in the reference's order, BatchNorm with TensorFlow's eps=1e-3. Inside 
 nests convolutions by branch where a reference names them flatly, so weights are mapped by
 position (``remap_state_dict``): both hold the same tensors in forward order.
 
-None of these nets dilates: ``supported_output_strides = (32,)``. Their stems use unpadded
+None of these nets dilates (their spec supports ``output_stride`` 32 only). Their stems use unpadded
 ('valid') convolutions and poolings, so map sizes are odd (a 299px input gives 147, 71, 35, 17, 8)
 and the declared strides (2, 4, 8, 16, 32) are the nominal reductions.
 """
@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from cvtasks.backbone import GlobalPoolLinear, StagedBackbone
+from cvtasks.backbone import INCEPTION_MEAN, INCEPTION_STD, BackboneSpec, GlobalPoolLinear, StagedBackbone
 from cvtasks.layers import ConvNormAct, SpatiallySeparableConv
 from cvtasks.registry import register_backbone
 
@@ -166,6 +166,12 @@ class ResidualBranches(Branches):
 
 Layout = list[tuple[str, nn.Module]]
 
+# The valid-padded nets (v3, v4, Inception-ResNet-v2) take inputs from 75px (``smallest_input``,
+# their last map is then 1x1), but only from 139px are all map sizes within the conformance checks'
+# 1.5x of the declared strides (75px gives a 1px last map, an apparent stride of 75): their spec
+# declares 139.
+_VALID_PADDED_MIN = 139
+
 
 class InceptionNet(StagedBackbone):
     """Shared body of the Inception nets: a chain of named stages from ``layout``, levels from ``levels``.
@@ -173,7 +179,6 @@ class InceptionNet(StagedBackbone):
     These nets do not dilate: only ``output_stride=32`` is supported.
     """
 
-    supported_output_strides: ClassVar[tuple[int, ...]] = (32,)
     #: stage names whose outputs are the feature levels, fine to coarse
     levels: ClassVar[tuple[str, ...]] = ()
     #: the reference's init: normal std of convs and linears (None: PyTorch's default)
@@ -189,11 +194,6 @@ class InceptionNet(StagedBackbone):
     def __init__(self, *, in_chans: int = 3, out_features: Iterable[str] | None = None, output_stride: int = 32) -> None:
         super().__init__()
         name = type(self).__name__
-        if output_stride not in self.supported_output_strides:
-            raise ValueError(
-                f"{name} does not dilate: output_stride={output_stride} is unsupported; "
-                f"valid values are {self.supported_output_strides}"
-            )
         if not isinstance(in_chans, int) or in_chans < 1:
             raise ValueError(f"{name}: in_chans must be a positive integer, got {in_chans!r}")
         channels, stride = in_chans, 1
@@ -312,7 +312,7 @@ class GoogLeNet(InceptionNet):
     """GoogLeNet (Inception-v1) as torchvision builds it: with BatchNorm, without the auxiliary classifiers.
 
     Levels ``conv1`` (/2), ``conv3`` (/4), ``inception3b`` (/8), ``inception4e`` (/16),
-    ``inception5b`` (/32). Does not dilate (``supported_output_strides = (32,)``). The published
+    ``inception5b`` (/32). Does not dilate. The published
     weights expect inputs scaled to [-1, 1] (torchvision's ``transform_input`` does that for it).
     """
 
@@ -322,7 +322,8 @@ class GoogLeNet(InceptionNet):
     head_prefixes = ("fc.",)
     aux_prefixes = ("aux1.", "aux2.")
     first_conv = "stages.conv1.conv.weight"
-    mean = std = (0.5, 0.5, 0.5)
+    # ceil-mode pools run it down to 15px (smallest_input); every level is meaningful from the default 32
+    spec = BackboneSpec(mean=INCEPTION_MEAN, std=INCEPTION_STD)
     reference_kwargs = {"aux_logits": False, "init_weights": True, "transform_input": False}
     _reference = "torchvision googlenet"
     smallest_input = 15
@@ -406,8 +407,8 @@ class InceptionV3(InceptionNet):
     """Inception-v3 as torchvision builds it, without the auxiliary classifier.
 
     Levels ``Conv2d_2b_3x3`` (/2), ``Conv2d_4a_3x3`` (/4), ``Mixed_5d`` (/8), ``Mixed_6e`` (/16),
-    ``Mixed_7c`` (/32); a 299px input gives 147, 71, 35, 17 and 8px maps. Does not dilate
-    (``supported_output_strides = (32,)``). The published weights expect inputs in [-1, 1].
+    ``Mixed_7c`` (/32); a 299px input gives 147, 71, 35, 17 and 8px maps. Does not dilate.
+    The published weights expect inputs in [-1, 1].
     """
 
     levels = ("Conv2d_2b_3x3", "Conv2d_4a_3x3", "Mixed_5d", "Mixed_6e", "Mixed_7c")
@@ -416,7 +417,7 @@ class InceptionV3(InceptionNet):
     head_prefixes = ("fc.",)
     aux_prefixes = ("AuxLogits.",)
     first_conv = "stages.Conv2d_1a_3x3.conv.weight"
-    mean = std = (0.5, 0.5, 0.5)
+    spec = BackboneSpec(min_input_size=_VALID_PADDED_MIN, mean=INCEPTION_MEAN, std=INCEPTION_STD)
     reference_kwargs = {"aux_logits": False, "init_weights": True, "transform_input": False}
     _reference = "torchvision inception_v3"
     smallest_input = 75
@@ -531,8 +532,7 @@ class InceptionV4(InceptionNet):
     """Inception-v4 as timm builds it (stem, 4 x A, reduction A, 7 x B, reduction B, 3 x C).
 
     Levels ``Conv2d_2b_3x3`` (/2), ``Mixed_3a`` (/4), ``Mixed_5e`` (/8), ``Mixed_6h`` (/16),
-    ``Mixed_7d`` (/32), named as in TensorFlow-slim. Does not dilate
-    (``supported_output_strides = (32,)``). Dropout before the classifier is the paper's 0.2
+    ``Mixed_7d`` (/32), named as in TensorFlow-slim. Does not dilate. Dropout before the classifier is the paper's 0.2
     (keep 0.8, fig. 9); timm defaults to none, which changes nothing in evaluation.
     """
 
@@ -540,7 +540,7 @@ class InceptionV4(InceptionNet):
     default_dropout = 0.2
     head_prefixes = ("last_linear.",)
     first_conv = "stages.Conv2d_1a_3x3.conv.weight"
-    mean = std = (0.5, 0.5, 0.5)
+    spec = BackboneSpec(min_input_size=_VALID_PADDED_MIN, mean=INCEPTION_MEAN, std=INCEPTION_STD)
     _reference = "timm inception_v4"
     smallest_input = 75
 
@@ -590,8 +590,7 @@ class InceptionResNetV2(InceptionNet):
 
     Levels ``conv2d_2b`` (/2), ``conv2d_4a`` (/4), ``repeat`` (/8, after the A blocks),
     ``repeat_1`` (/16, after the B blocks), ``conv2d_7b`` (/32), named as timm names them. The
-    residuals are scaled by 0.17, 0.10 and 0.20 (section 3.3). Does not dilate
-    (``supported_output_strides = (32,)``). Dropout before the classifier is the paper's 0.2
+    residuals are scaled by 0.17, 0.10 and 0.20 (section 3.3). Does not dilate. Dropout before the classifier is the paper's 0.2
     (keep 0.8, fig. 15); timm defaults to none, which changes nothing in evaluation.
     """
 
@@ -599,7 +598,7 @@ class InceptionResNetV2(InceptionNet):
     default_dropout = 0.2
     head_prefixes = ("classif.",)
     first_conv = "stages.conv2d_1a.conv.weight"
-    mean = std = (0.5, 0.5, 0.5)
+    spec = BackboneSpec(min_input_size=_VALID_PADDED_MIN, mean=INCEPTION_MEAN, std=INCEPTION_STD)
     _reference = "timm inception_resnet_v2"
     smallest_input = 75
 
@@ -642,18 +641,13 @@ _PAPER_V3 = "Szegedy et al., Rethinking the Inception Architecture for Computer 
 _PAPER_V4 = ("Szegedy et al., Inception-v4, Inception-ResNet and the Impact of Residual Connections on "
              "Learning, AAAI 2017")
 
-# name: (class, paper, reference, native input size, min_input_size). The valid-padded nets take
-# inputs from 75px (``smallest_input``, their last map is then 1x1), but only from 139px are all
-# map sizes within the conformance checks' 1.5x of the declared strides (75px gives Mixed_7c 1px,
-# an apparent stride of 75), so 139 is what the registry declares and the tests use.
-_VARIANTS: dict[str, tuple[type[InceptionNet], str, str, int, int]] = {
-    "googlenet": (GoogLeNet, _PAPER_V1, "torchvision:googlenet", 224, 15),
-    "inception_v3": (InceptionV3, _PAPER_V3, "torchvision:inception_v3", 299, 139),
-    "inception_v4": (InceptionV4, _PAPER_V4, "timm:inception_v4", 299, 139),
-    "inception_resnet_v2": (InceptionResNetV2, _PAPER_V4, "timm:inception_resnet_v2", 299, 139),
+# name: (class, paper, reference, native input size); each class's spec says the rest
+_VARIANTS: dict[str, tuple[type[InceptionNet], str, str, int]] = {
+    "googlenet": (GoogLeNet, _PAPER_V1, "torchvision:googlenet", 224),
+    "inception_v3": (InceptionV3, _PAPER_V3, "torchvision:inception_v3", 299),
+    "inception_v4": (InceptionV4, _PAPER_V4, "timm:inception_v4", 299),
+    "inception_resnet_v2": (InceptionResNetV2, _PAPER_V4, "timm:inception_resnet_v2", 299),
 }
 
-for _name, (_cls, _paper, _ref, _size, _min) in _VARIANTS.items():
-    register_backbone(
-        _name, family="inception", paper=_paper, reference=_ref, input_size=_size, min_input_size=_min
-    )(_cls)
+for _name, (_cls, _paper, _ref, _size) in _VARIANTS.items():
+    register_backbone(_name, family="inception", paper=_paper, reference=_ref, input_size=_size)(_cls)

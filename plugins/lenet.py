@@ -69,7 +69,6 @@ class LeNetHead(nn.Sequential):
 class LeNet5(StagedBackbone):
     """LeNet-5's feature extractor: C1, S2, C3, S4, C5 (see the module docstring for the simplifications)."""
 
-    supported_output_strides = (32,)
     first_conv = "stages.c1.conv.weight"
 
     def __init__(
@@ -81,10 +80,6 @@ class LeNet5(StagedBackbone):
         act: str | Callable[..., nn.Module] = "tanh",
     ) -> None:
         super().__init__()
-        if output_stride not in self.supported_output_strides:
-            raise ValueError(
-                f"LeNet-5 does not support output_stride={output_stride}; valid values are {self.supported_output_strides}"
-            )
         get_act_layer(act)  # an unknown name fails here, naming the valid ones
         self.act = act
 
@@ -111,7 +106,7 @@ class LeNet5(StagedBackbone):
 
 
 register_backbone(
-    "lenet5", family="lenet", paper=_PAPER, reference="", input_size=32, min_input_size=32,
+    "lenet5", family="lenet", paper=_PAPER, reference="", input_size=32,
     published_params="60,000 (paper, section II.B; grey input): here +900 full C3, +850 linear output, -44 plain pools, +300 RGB",
     num_classes=10,
 )(LeNet5)

@@ -17,12 +17,11 @@ from typing import Iterable, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from cvtasks.backbone import StagedBackbone
+from cvtasks.backbone import BackboneSpec, StagedBackbone
 from cvtasks.layers import (
     SUPPORTED_OUTPUT_STRIDES,
     ConvNormAct,
     InvertedResidual,
-    check_output_stride,
     dilation_plan,
     make_divisible,
 )
@@ -71,7 +70,7 @@ class MobileNetV2(StagedBackbone):
     convolution and stage5 ends with the 1x1 convolution to 1280 channels.
     """
 
-    supported_output_strides = SUPPORTED_OUTPUT_STRIDES
+    spec = BackboneSpec(supported_output_strides=SUPPORTED_OUTPUT_STRIDES)
     first_conv = "stages.stage1.stem.conv.weight"
     head_prefixes = ("classifier.",)
 
@@ -86,7 +85,6 @@ class MobileNetV2(StagedBackbone):
         dropout: float = 0.2,
     ) -> None:
         super().__init__()
-        check_output_stride(output_stride, "mobilenet_v2")
         if width_mult <= 0:
             raise ValueError(f"mobilenet_v2: width_mult must be positive, got {width_mult!r}")
         self.output_stride = output_stride
@@ -184,5 +182,4 @@ register_backbone(
     paper="Sandler et al., MobileNetV2: Inverted Residuals and Linear Bottlenecks, CVPR 2018",
     reference="torchvision:mobilenet_v2",
     input_size=224,
-    min_input_size=32,
 )(MobileNetV2)

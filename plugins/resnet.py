@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any, Iterable, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from cvtasks.backbone import StagedBackbone
+from cvtasks.backbone import INCEPTION_MEAN, INCEPTION_STD, BackboneSpec, StagedBackbone
 from cvtasks.layers import ConvNormAct, SqueezeExcite, grouped_conv, make_divisible
 from cvtasks.registry import register_backbone
 
@@ -225,7 +226,7 @@ class ResNet(StagedBackbone):
     ``in_chans``, ``out_features``, ``output_stride``.
     """
 
-    supported_output_strides: tuple[int, ...] = (8, 16, 32)
+    spec = BackboneSpec(supported_output_strides=(8, 16, 32))
     first_conv = "stages.stem.conv.weight"
     head_prefixes = ("fc.", "head.")
 
@@ -245,20 +246,13 @@ class ResNet(StagedBackbone):
         zero_init_residual: bool = False,
         in_chans: int = 3,
         out_features: Iterable[str] | None = None,
-        output_stride: int = 32,
+        output_stride: int | None = None,
     ) -> None:
         super().__init__()
         block_cls = self._check_args(layers, block, preact, widths, groups, width_per_group, se, stem, dropout,
                                      in_chans)
         cifar = stem == "cifar"
-        if cifar:
-            # the CIFAR layout downsamples only 2**(stages-1) times in all: there is nothing to dilate
-            self.supported_output_strides = (2 ** (len(layers) - 1),)
-        if output_stride not in self.supported_output_strides:
-            raise ValueError(
-                f"output_stride={output_stride!r} is not supported by this {stem} ResNet; "
-                f"choose one of {self.supported_output_strides}"
-            )
+        output_stride = output_stride or self.spec.native_stride  # the spec checked it (Backbone.__new__)
         self.output_stride = output_stride
 
         # plan every stage (channels, stride, dilation) before building, so that stages after the
@@ -316,6 +310,13 @@ class ResNet(StagedBackbone):
                 break
         self._finish(levels, wanted)
         self._init_weights(zero_init_residual)
+
+    @classmethod
+    def spec_for(cls, **kwargs: Any) -> BackboneSpec:
+        """The CIFAR layout downsamples only 2**(stages-1) times in all: its one stride, nothing to dilate."""
+        if kwargs.get("stem") == "cifar" and kwargs.get("layers"):
+            return replace(cls.spec, supported_output_strides=(2 ** (len(kwargs["layers"]) - 1),))
+        return cls.spec
 
     @staticmethod
     def _check_args(layers: Sequence[int], block: str, preact: bool, widths: Sequence[int], groups: int,
@@ -424,7 +425,7 @@ def _wrn_cifar(depth: int, widen_factor: int) -> dict[str, Any]:
         raise ValueError(f"WRN widen_factor k must be at least 1, got {widen_factor}")
     n = (depth - 4) // 6
     return dict(block="basic", preact=True, layers=(n, n, n), stem="cifar", stem_width=16,
-                widths=(16 * widen_factor, 32 * widen_factor, 64 * widen_factor), output_stride=4)
+                widths=(16 * widen_factor, 32 * widen_factor, 64 * widen_factor))
 
 
 def wide_resnet_cifar(depth: int = 28, widen_factor: int = 10, **kwargs: Any) -> ResNet:
@@ -470,7 +471,10 @@ _VARIANTS: dict[str, tuple[str, str, dict[str, Any], int]] = {
 # the CIFAR WRNs have no reference implementation; Zagoruyko & Komodakis give their sizes (Table 4)
 _PUBLISHED = {"wrn28_10": "36.5M (paper, Table 4)", "wrn40_4": "8.9M (paper, Table 4)"}
 
+# timm's ResNetV2 weights expect inputs in [-1, 1] (its pretrained_cfg); the others ImageNet's normalisation
+_SPEC_CHANGES = {"resnetv2": {"mean": INCEPTION_MEAN, "std": INCEPTION_STD}}
+
 for _name, (_family, _reference, _arch, _size) in _VARIANTS.items():
     register_backbone(_name, family=_family, paper=_PAPERS[_family], reference=_reference, input_size=_size,
-                      min_input_size=32, published_params=_PUBLISHED.get(_name, ""),
+                      spec=_SPEC_CHANGES.get(_family), published_params=_PUBLISHED.get(_name, ""),
                       num_classes=10 if _name in _PUBLISHED else 1000, **_arch)(ResNet)

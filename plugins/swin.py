@@ -215,7 +215,6 @@ class SwinTransformer(Backbone):
 
     first_conv = "features.0.0.weight"
     head_prefixes = ("norm.", "head.")
-    supported_output_strides = (32,)
 
     def __init__(
         self,
@@ -234,11 +233,6 @@ class SwinTransformer(Backbone):
         output_stride: int = 32,
     ) -> None:
         super().__init__()
-        if output_stride != 32:
-            raise ValueError(
-                f"Swin Transformer has no dilated variant; output_stride={output_stride} is not supported "
-                f"(valid: {self.supported_output_strides})"
-            )
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} must have one entry per stage")
         names = [f"stage{i + 1}" for i in range(len(depths))]
@@ -327,6 +321,5 @@ for _name, _cfg in SWIN_VARIANTS.items():
         paper=_PAPER,
         reference=f"torchvision:{_name}",
         input_size=224,
-        min_input_size=32,
         **_cfg,
     )(SwinTransformer)

@@ -13,19 +13,22 @@ some flatten the top-level sequence (``stages.0`` becomes ``stages_0``) and some
 ``model`` (``model.blocks.0``); the classifier and anything after the last kept level are dropped.
 
 ``output_stride`` (8 or 16) is passed to timm for the models that take it (ResNets, RegNets,
-EfficientNets, MobileNets, ...); the bridge cannot know which those are before building, so it
-declares only 32 as supported and reports a clear error for a model that refuses. Other timm
-keywords (``img_size=64`` for timm's ViTs, ``drop_path_rate``, ...) pass through.
+EfficientNets, MobileNets, ...); the bridge cannot know which those are before building, so its
+spec declares 8, 16 and 32 and a model that refuses is reported clearly once built. The spec's
+mean/std are those of the model's timm ``pretrained_cfg`` (read without building or downloading).
+Other timm keywords (``img_size=64`` for timm's ViTs, ``drop_path_rate``, ...) pass through.
 """
 
 from __future__ import annotations
 
 import difflib
+from dataclasses import replace
 from typing import Any, Iterable, Mapping
 
 from torch import Tensor, nn
 
-from cvtasks.backbone import Backbone, FeatureInfo
+from cvtasks.backbone import Backbone, BackboneSpec, FeatureInfo
+from cvtasks.layers import SUPPORTED_OUTPUT_STRIDES
 from cvtasks.registry import UnknownBackboneError, register_backbone
 
 __all__ = ["TimmBackbone"]
@@ -65,7 +68,7 @@ class TimmBackbone(Backbone):
     """One of timm's models built with ``features_only=True``, behind our backbone contract."""
 
     head_prefixes: tuple[str, ...] = ()
-    supported_output_strides = (32,)
+    spec = BackboneSpec(supported_output_strides=SUPPORTED_OUTPUT_STRIDES)
 
     def __init__(
         self,
@@ -85,8 +88,6 @@ class TimmBackbone(Backbone):
                 f"unknown backbone 'timm/{model_name}': timm has no model {model_name!r}.{hint} "
                 f"List them with timm.list_models('<pattern>')."
             )
-        if output_stride not in (8, 16, 32):
-            raise ValueError(f"output_stride={output_stride} is not supported; use 8, 16 or 32")
         kwargs: dict[str, Any] = dict(features_only=True, pretrained=False, in_chans=in_chans, **timm_kwargs)
         if output_stride != 32:
             kwargs["output_stride"] = output_stride
@@ -115,6 +116,18 @@ class TimmBackbone(Backbone):
         fmt = getattr(self.model, "output_fmt", "NCHW")
         self._channels_last = str(getattr(fmt, "value", fmt)) == "NHWC"
         self.first_conv = self._first_conv_key()
+
+    @classmethod
+    def spec_for(cls, **kwargs: Any) -> BackboneSpec:
+        """The normalisation of the model's timm weights (its pretrained_cfg), without building it."""
+        name = kwargs.get("model_name")
+        try:
+            cfg = _timm().models.get_pretrained_cfg(name) if name else None
+        except Exception:  # an unknown name is reported, with close names, when the model is built
+            cfg = None
+        if cfg is None or not getattr(cfg, "mean", None) or not getattr(cfg, "std", None):
+            return cls.spec
+        return replace(cls.spec, mean=tuple(cfg.mean), std=tuple(cfg.std))
 
     def _create(self, kwargs: dict[str, Any]) -> Any:
         try:
@@ -177,6 +190,6 @@ class TimmBackbone(Backbone):
         return out
 
 
-register_backbone("timm/*", family="timm", paper=_PAPER, reference="timm:*", input_size=224, min_input_size=32)(
+register_backbone("timm/*", family="timm", paper=_PAPER, reference="timm:*", input_size=224)(
     TimmBackbone
 )

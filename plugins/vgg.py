@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cvtasks.backbone import StagedBackbone
+from cvtasks.backbone import BackboneSpec, StagedBackbone
 from cvtasks.layers import ConvNormAct, check_input_side, min_input_side
 from cvtasks.registry import register_backbone
 
@@ -101,12 +101,11 @@ class VGG(StagedBackbone):
     """VGG: five blocks of 3x3 convolutions (+ batch norm) and ReLU, each ending in a 2x2 max pool.
 
     Levels ``pool1``..``pool5`` are the pool outputs (strides 2, 4, 8, 16, 32). VGG is not
-    dilated here: ``output_stride`` must be 32 (``supported_output_strides = (32,)``).
+    dilated here: ``output_stride`` must be 32. It exposes its max-pool indices (SegNet's unpooling).
     """
 
-    supported_output_strides = (32,)
-    #: the max-unpooling decoder (SegNet) may call ``forward_with_pool_indices``
-    exposes_pool_indices = True
+    #: the max-unpooling decoder (SegNet) may call ``forward_with_pool_indices``; pool5 is 1x1 at 32px
+    spec = BackboneSpec(exposes_pool_indices=True)
     first_conv = "stages.block1.conv1.conv.weight"
     head_prefixes = ("classifier.",)
 
@@ -122,11 +121,6 @@ class VGG(StagedBackbone):
         super().__init__()
         if config not in VGG_CONFIGS:
             raise ValueError(f"unknown VGG config {config!r}; choose one of {sorted(VGG_CONFIGS)} (the paper's Table 1)")
-        if output_stride not in self.supported_output_strides:
-            raise ValueError(
-                f"VGG does not support output_stride={output_stride}: it has no dilated variant; "
-                f"valid values are {self.supported_output_strides}"
-            )
         self.config, self.batch_norm = config, batch_norm
         levels = []
         channels, stride = in_chans, 1
@@ -221,7 +215,6 @@ for _name, _config in _DEPTHS.items():
             paper=_PAPER,
             reference="torchvision:" + _name + ("_bn" if _bn else ""),
             input_size=224,
-            min_input_size=32,  # pool5 is 1x1; torchvision's adaptive pool still makes fc6's 7x7 grid
             config=_config,
             batch_norm=_bn,
         )(VGG)

@@ -27,13 +27,14 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from functools import partial
-from typing import Iterable, Mapping
+from dataclasses import replace
+from typing import Any, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cvtasks.backbone import Backbone, FeatureInfo
+from cvtasks.backbone import Backbone, BackboneSpec, FeatureInfo
 from cvtasks.layers import transformer_mlp
 from cvtasks.registry import register_backbone
 
@@ -179,11 +180,6 @@ class VisionTransformer(Backbone):
                 f"image_size={image_size} must be a positive multiple of the patch size {patch_size} "
                 f"(e.g. {max(patch_size, image_size // patch_size * patch_size)})"
             )
-        if output_stride not in (None, patch_size):
-            raise ValueError(
-                f"ViT has a single level at stride {patch_size} (its patch size) and no dilation; "
-                f"output_stride={output_stride} is not supported, use {patch_size} or leave it unset"
-            )
         wanted = list(out_features) if out_features is not None else ["tokens"]
         if wanted != ["tokens"]:
             raise ValueError(f"ViT has a single feature level 'tokens'; out_features={wanted} is not valid")
@@ -191,7 +187,6 @@ class VisionTransformer(Backbone):
         self.image_size = image_size
         self.hidden_dim = hidden_dim
         self.output_stride = patch_size
-        self.supported_output_strides = (patch_size,)
         self.feature_info = [FeatureInfo("tokens", hidden_dim, patch_size)]
 
         self.conv_proj = nn.Conv2d(in_chans, hidden_dim, kernel_size=patch_size, stride=patch_size)
@@ -231,6 +226,12 @@ class VisionTransformer(Backbone):
         return ClassTokenHead(self.hidden_dim, num_classes, dropout=dropout)
 
     @classmethod
+    def spec_for(cls, **kwargs: Any) -> BackboneSpec:
+        """One level at the patch size's stride, which nothing dilates."""
+        patch = kwargs.get("patch_size")
+        return replace(cls.spec, supported_output_strides=(int(patch),)) if patch else cls.spec
+
+    @classmethod
     def remap_state_dict(cls, state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """torchvision's keys are ours, except the classifier ``heads.head`` -> ``head.fc``."""
         out: dict[str, Tensor] = {}
@@ -263,6 +264,5 @@ for _name, _cfg in VIT_VARIANTS.items():
         paper=_PAPER,
         reference=f"torchvision:{_name}",
         input_size=224,
-        min_input_size=32,
         **_cfg,
     )(VisionTransformer)

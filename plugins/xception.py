@@ -21,8 +21,8 @@ from typing import Iterable, Mapping
 
 from torch import Tensor, nn
 
-from cvtasks.backbone import StagedBackbone
-from cvtasks.layers import SUPPORTED_OUTPUT_STRIDES, DepthwiseSeparableConv, check_output_stride, dilation_plan
+from cvtasks.backbone import INCEPTION_MEAN, INCEPTION_STD, BackboneSpec, StagedBackbone
+from cvtasks.layers import SUPPORTED_OUTPUT_STRIDES, DepthwiseSeparableConv, dilation_plan
 from cvtasks.registry import register_backbone
 
 __all__ = ["Xception", "XceptionBlock", "separable_conv"]
@@ -83,17 +83,14 @@ _BLOCKS = (
 class Xception(StagedBackbone):
     """Xception (timm's ``legacy_xception`` layout) as five levels: stem, entry1, entry2, middle, exit."""
 
-    supported_output_strides = SUPPORTED_OUTPUT_STRIDES
+    # the Keras weights timm ports expect inputs in [-1, 1]
+    spec = BackboneSpec(supported_output_strides=SUPPORTED_OUTPUT_STRIDES, mean=INCEPTION_MEAN, std=INCEPTION_STD)
     first_conv = "stages.stem.conv1.weight"
     head_prefixes = ("fc.",)
-    # the Keras weights timm ports expect inputs in [-1, 1]
-    mean = (0.5, 0.5, 0.5)
-    std = (0.5, 0.5, 0.5)
 
     def __init__(self, *, in_chans: int = 3, out_features: Iterable[str] | None = None,
                  output_stride: int = 32) -> None:
         super().__init__()
-        check_output_stride(output_stride, "xception")
         self.output_stride = output_stride
         # the stem's convolutions are unpadded, as in the Keras original
         self.stages["stem"] = nn.Sequential(OrderedDict(
@@ -175,5 +172,4 @@ register_backbone(
     paper="Chollet, Xception: Deep Learning with Depthwise Separable Convolutions, CVPR 2017",
     reference="timm:legacy_xception",
     input_size=299,
-    min_input_size=32,
 )(Xception)

@@ -121,3 +121,26 @@ def test_image_folder_errors(tmp_path):
     dm = ImageFolderDataModule(root=str(root))
     with pytest.raises(ValueError, match="broken.png"):
         dm.setup("fit")
+
+
+def test_normalisation_follows_the_given_mean_and_std():
+    """A backbone whose weights expect [-1, 1] (backbone_normalization) gets it in every split and in predict."""
+    from cvtasks.backbone import backbone_normalization
+    from cvtasks.data import ShapesSegmentationDataModule
+
+    half = backbone_normalization("xception")
+    assert half == ((0.5,) * 3, (0.5,) * 3) and backbone_normalization(None).mean == (0.485, 0.456, 0.406)
+    image = np.full((8, 8, 3), 255, np.uint8)
+    for cls in (ShapesDataModule, ShapesSegmentationDataModule):
+        dm = cls(num_samples=6, img_size=32, mean=half.mean, std=half.std, augment=False)
+        dm.setup("fit")
+        sample = dm._datasets["fit"][0]
+        x = sample[0] if isinstance(sample, tuple) else sample["image"]
+        assert x.min() >= -1 and x.max() <= 1, cls.__name__
+        assert torch.allclose(dm.predict_transform(image), torch.ones(3, *dm.predict_transform(image).shape[1:]))
+        default = cls(num_samples=6, img_size=32)
+        assert default.mean == (0.485, 0.456, 0.406) and default.std == (0.229, 0.224, 0.225)
+    with pytest.raises(ValueError, match=r"std must be three positive numbers.*backbone_normalization"):
+        ShapesDataModule(num_samples=6, std=(0.5, 0.0, 0.5))
+    with pytest.raises(ValueError, match="mean must be three numbers"):
+        ShapesDataModule(num_samples=6, mean=(0.5, 0.5))

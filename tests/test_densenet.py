@@ -1,4 +1,4 @@
-"""DenseNet plugin: conformance, parity with torchvision, dense connectivity, memory-efficient mode."""
+"""DenseNet plugin: parity with torchvision, dense connectivity, memory-efficient mode (the contract: test_backbone_contract)."""
 
 from __future__ import annotations
 
@@ -7,23 +7,12 @@ import torch
 import torchvision
 
 from cvtasks.backbone import Classifier, create_classifier
-from cvtasks.checks import check_backbone, check_parity, count_parameters
+from cvtasks.checks import check_parity, count_parameters
 from cvtasks.registry import create_backbone, list_backbones
 from plugins.densenet import DenseBlock, DenseNet
 
-NAMES = ["densenet121", "densenet161", "densenet169", "densenet201"]
 SLOW = {"densenet161", "densenet201"}
-PARAMS = [n if n not in SLOW else pytest.param(n, marks=pytest.mark.slow) for n in NAMES]
-
-
-def test_all_variants_registered() -> None:
-    assert set(NAMES) <= set(list_backbones("densenet*"))
-
-
-@pytest.mark.parametrize("name", PARAMS)
-def test_conformance(name: str) -> None:
-    report = check_backbone(name, parity=False)
-    assert report.ok, str(report)
+PARAMS = [n if n not in SLOW else pytest.param(n, marks=pytest.mark.slow) for n in list_backbones("densenet*")]
 
 
 @pytest.mark.parametrize("name", PARAMS)

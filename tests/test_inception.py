@@ -1,4 +1,4 @@
-"""Inception plugins: conformance, parity with torchvision/timm, map sizes, input limits, weight mapping."""
+"""Inception plugins: parity with torchvision/timm, map sizes, input limits, weight mapping (the contract: test_backbone_contract)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from cvtasks.checks import check_backbone, check_parity
+from cvtasks.checks import check_parity
 from cvtasks.registry import create_backbone, get_backbone_entry, list_backbones
 from plugins.inception import GoogLeNet, InceptionNet, InceptionResNetV2, InceptionV3, InceptionV4
 
@@ -29,13 +29,6 @@ def test_registered_with_metadata() -> None:
         entry = get_backbone_entry(name)
         assert entry.family == "inception" and entry.paper.startswith("Szegedy")
         assert entry.input_size == (224 if name == "googlenet" else 299)
-
-
-@pytest.mark.parametrize("name", PARAMS)
-def test_conformance(name: str) -> None:
-    report = check_backbone(name, parity=False)
-    assert report.ok, str(report)
-    assert report.results["output_stride"].startswith("skipped"), str(report)
 
 
 @pytest.mark.parametrize("name", PARAMS)
@@ -82,7 +75,7 @@ def test_smallest_input_and_clear_error_below(name: str) -> None:
 def test_no_dilation() -> None:
     with pytest.raises(ValueError, match=r"valid values are \(32,\)"):
         create_backbone("inception_v3", output_stride=16)
-    assert InceptionV3.supported_output_strides == (32,)
+    assert InceptionV3.spec.supported_output_strides == (32,)
 
 
 def test_out_features_stops_early_and_validates() -> None:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvtasks.backbone import StagedBackbone
+from cvtasks.backbone import BackboneSpec, StagedBackbone
 from cvtasks.crf import DenseCRF
 from cvtasks.heads.segmentation import (
     SEGMENTATION_HEADS,
@@ -30,13 +30,10 @@ from cvtasks.registry import create_backbone, list_backbones, register_backbone
 class _SegTestNet(StagedBackbone):
     """Five conv + 2x2 max-pool stages (strides 2..32), level names unlike VGG's; dilation for OS 16."""
 
-    supported_output_strides = (16, 32)
-    exposes_pool_indices = True
+    spec = BackboneSpec(supported_output_strides=(16, 32), exposes_pool_indices=True)
 
     def __init__(self, *, in_chans: int = 3, out_features=None, output_stride: int = 32, width: int = 8) -> None:
         super().__init__()
-        if output_stride not in self.supported_output_strides:
-            raise ValueError(f"output_stride must be one of {self.supported_output_strides}")
         self.output_stride = output_stride
         levels, c, stride = [], in_chans, 1
         for i in range(5):
@@ -67,7 +64,7 @@ class _SegTestNet(StagedBackbone):
 class _SegTestPlain(_SegTestNet):
     """The same net without the pool-indices interface."""
 
-    exposes_pool_indices = False
+    spec = BackboneSpec(supported_output_strides=(16, 32), exposes_pool_indices=False)
 
 
 register_backbone("_segtest_net", family="_segtest", min_input_size=32)(_SegTestNet)
@@ -92,7 +89,7 @@ def _backbone(name: str, head: str):
 @pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("head", list(SEGMENTATION_HEADS))
 def test_head_output_has_input_size(head: str, backbone: str) -> None:
-    if head == "unpool" and not getattr(_backbone(backbone, "fcn32s"), "exposes_pool_indices", False):
+    if head == "unpool" and not _backbone(backbone, "fcn32s").spec.exposes_pool_indices:
         pytest.skip(f"{backbone} does not expose max-pool indices")
     torch.manual_seed(0)
     warns = head == "deeplabv3" and backbone.startswith("vgg")  # VGG is not dilated: a documented fallback

@@ -1,4 +1,4 @@
-"""VGG plugin: conformance and parity with torchvision, the config table, pool indices for unpooling."""
+"""VGG plugin: parity with torchvision, the config table, pool indices for unpooling (the contract: test_backbone_contract)."""
 
 from __future__ import annotations
 
@@ -7,27 +7,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cvtasks.checks import check_backbone
+from cvtasks.checks import check_parity
 from cvtasks.registry import create_backbone, list_backbones
 from plugins.vgg import VGG, VGG_CONFIGS
 
-NAMES = [f"vgg{d}{bn}" for d in (11, 13, 16, 19) for bn in ("", "_bn")]
 # every variant is checked; the two smallest on every run, the heavier ones (120M-parameter
 # reference models written to disk for parity) under the slow marker
 FAST = {"vgg11", "vgg11_bn"}
 
 
-def test_all_variants_registered() -> None:
-    assert set(NAMES) <= set(list_backbones("vgg*"))
-
-
 @pytest.mark.parametrize(
-    "name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in NAMES]
+    "name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in list_backbones("vgg*")]
 )
-def test_conformance_and_parity(name: str) -> None:
-    report = check_backbone(name)
-    assert report.ok, str(report)
-    assert report.results["reference parity"].startswith("ok"), str(report)
+def test_parity(name: str) -> None:
+    assert check_parity(name).startswith("ok")
 
 
 @pytest.mark.parametrize("config,depth", [("A", 11), ("B", 13), ("D", 16), ("E", 19)])
@@ -48,7 +41,7 @@ def test_pool_indices_restore_pre_pool_maps(batch_norm: bool, size: int) -> None
     with torch.no_grad():
         plain = model(x)
         feats, indices = model.forward_with_pool_indices(x)
-    assert model.exposes_pool_indices
+    assert model.spec.exposes_pool_indices
     assert list(feats) == list(plain) == [f"pool{i}" for i in range(1, 6)]
     assert list(indices) == list(feats)
     for name, fmap in feats.items():
@@ -91,7 +84,7 @@ def test_bad_output_stride_and_config_are_clear_errors() -> None:
         create_backbone("vgg16", output_stride=16)
     with pytest.raises(ValueError, match="Table 1"):
         VGG(config="C")
-    assert VGG.supported_output_strides == (32,)
+    assert VGG.spec.supported_output_strides == (32,)
 
 
 def test_head_is_torchvision_classifier() -> None:

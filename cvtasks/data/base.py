@@ -59,6 +59,20 @@ def normalise(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Seq
     return (x - m) / s
 
 
+def _channel_values(name: str, values: Sequence[float], positive: bool) -> tuple[float, ...]:
+    """Three per-channel floats (RGB), checked now: a bad ``mean``/``std`` names itself and the fix."""
+    try:
+        out = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        out = ()
+    if len(out) != 3 or (positive and any(v <= 0 for v in out)):
+        raise ValueError(
+            f"{name} must be three {'positive ' if positive else ''}numbers (R, G, B, for pixels in [0, 1]), "
+            f"got {values!r}; leave it unset for ImageNet's, or use backbone_normalization(<backbone>)"
+        )
+    return out
+
+
 def split_indices(
     n: int,
     split: Sequence[float] = (0.7, 0.15, 0.15),
@@ -110,7 +124,12 @@ def _predict_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class SplitDataModule(LightningDataModule):
-    """Base of cvtasks' data modules: subclasses say how many items there are and build datasets."""
+    """Base of cvtasks' data modules: subclasses say how many items there are and build datasets.
+
+    ``mean``/``std`` normalise the images every split (and predict) gives the model: None is
+    ImageNet's; a backbone's own are ``backbone_normalization(name)`` (its spec). Detection modules
+    keep images in [0, 1], as their models normalise inside, and leave them unused.
+    """
 
     collate_fn: Callable[[list[Any]], Any] | None = None
 
@@ -126,8 +145,12 @@ class SplitDataModule(LightningDataModule):
         seed: int = 0,
         augment: bool = True,
         predict_dir: str | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
+        self.mean = _channel_values("mean", IMAGENET_MEAN if mean is None else mean, positive=False)
+        self.std = _channel_values("std", IMAGENET_STD if std is None else std, positive=True)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if img_size < 16:
@@ -168,7 +191,7 @@ class SplitDataModule(LightningDataModule):
 
     def predict_transform(self, image: np.ndarray) -> torch.Tensor:
         """How predict prepares an image: normalised, at its own size unless a subclass resizes."""
-        return normalise(image)
+        return normalise(image, self.mean, self.std)
 
     def make_predict_dataset(self, folder: str) -> Dataset:
         """The images of ``folder`` for predict."""

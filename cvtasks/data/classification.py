@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import albumentations as A
 import numpy as np
@@ -18,8 +18,13 @@ from .shapes import SHAPE_NAMES, render_scene
 __all__ = ["classification_transform", "ShapesDataModule", "ImageFolderDataModule"]
 
 
-def classification_transform(img_size: int, train: bool) -> Callable[[np.ndarray], torch.Tensor]:
-    """Albumentations pipeline: shifts/scale/rotate, flips and colour for training; resize for eval."""
+def classification_transform(
+    img_size: int,
+    train: bool,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> Callable[[np.ndarray], torch.Tensor]:
+    """Albumentations pipeline: shifts/scale/rotate, flips and colour for training; resize for eval; then mean/std."""
     ops: list[A.BasicTransform] = [A.Resize(img_size, img_size)]
     if train:
         ops += [
@@ -32,7 +37,7 @@ def classification_transform(img_size: int, train: bool) -> Callable[[np.ndarray
     pipeline = A.Compose(ops)
 
     def apply(image: np.ndarray) -> torch.Tensor:
-        return normalise(pipeline(image=image)["image"], IMAGENET_MEAN, IMAGENET_STD)
+        return normalise(pipeline(image=image)["image"], mean, std)
 
     return apply
 
@@ -70,10 +75,11 @@ class ShapesDataModule(GeneratedScenes, SplitDataModule):
 
     def make_dataset(self, indices: list[int], stage: str) -> Dataset:
         train = stage == "fit" and self.augment
-        return _ShapesClassification(indices, self.render_size, self.seed, classification_transform(self.img_size, train))
+        return _ShapesClassification(indices, self.render_size, self.seed,
+                                     classification_transform(self.img_size, train, self.mean, self.std))
 
     def predict_transform(self, image: np.ndarray) -> torch.Tensor:
-        return classification_transform(self.img_size, train=False)(image)
+        return classification_transform(self.img_size, False, self.mean, self.std)(image)
 
 
 class _FileClassification(Dataset):
@@ -141,7 +147,8 @@ class ImageFolderDataModule(SplitDataModule):
 
     def make_dataset(self, indices: list[int], stage: str) -> Dataset:
         train = stage == "fit" and self.augment
-        return _FileClassification([self._items[i] for i in indices], classification_transform(self.img_size, train))
+        return _FileClassification([self._items[i] for i in indices],
+                                   classification_transform(self.img_size, train, self.mean, self.std))
 
     def predict_transform(self, image: np.ndarray) -> torch.Tensor:
-        return classification_transform(self.img_size, train=False)(image)
+        return classification_transform(self.img_size, False, self.mean, self.std)(image)

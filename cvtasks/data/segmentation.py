@@ -184,7 +184,7 @@ class ShapesSegmentationDataModule(GeneratedScenes, SplitDataModule):
     def make_dataset(self, indices: list[int], stage: str) -> Dataset:
         train = stage == "fit" and self.augment
         return _ShapesSegmentation(indices, self.render_size, self.seed, self.scene_args,
-                                   segmentation_transforms(self.img_size, train))
+                                   segmentation_transforms(self.img_size, train, mean=self.mean, std=self.std))
 
 
 class _VOCSegmentation(Dataset):
@@ -313,4 +313,5 @@ class VOCSegmentationDataModule(SplitDataModule):
 
     def make_dataset(self, indices: list[int], stage: str) -> Dataset:
         train = stage == "fit" and self.augment
-        return _VOCSegmentation([self._pairs[i] for i in indices], self._num_classes, segmentation_transforms(self.img_size, train))
+        transform = segmentation_transforms(self.img_size, train, mean=self.mean, std=self.std)
+        return _VOCSegmentation([self._pairs[i] for i in indices], self._num_classes, transform)

@@ -16,21 +16,21 @@ never from its name, and returns class scores at the input's size for any input 
 from __future__ import annotations
 
 import inspect
-
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..backbone import Backbone, FeatureInfo
-from ..layers import BilinearUpsample, ConvNormAct
+from ..backbone import Backbone, BackboneRequest, FeatureInfo
+from ..layers import SUPPORTED_OUTPUT_STRIDES, BilinearUpsample, ConvNormAct
 from ..registry import get_backbone_entry
 
 __all__ = [
     "SEGMENTATION_HEADS",
+    "HeadSpec",
+    "segmentation_head_spec",
     "FCNHead",
     "DeepLabV3Head",
     "ASPP",
@@ -230,10 +230,11 @@ class UnpoolDecoder(nn.Module):
     Each stage unpools with the encoder's indices to the size the pool saw, keeps the level's
     channels for ``convs_per_stage - 1`` 3x3 conv-bn-relu layers and maps to the next finer
     level's channels with the last; a 3x3 convolution gives the class scores. Needs a backbone
-    with ``exposes_pool_indices`` whose every declared level comes from a max pool.
+    whose spec has ``exposes_pool_indices`` and whose every declared level comes from a max pool.
     """
 
     needs_pool_indices = True
+    backbone_request = BackboneRequest(pool_indices=True)
 
     def __init__(
         self,
@@ -245,12 +246,8 @@ class UnpoolDecoder(nn.Module):
         backbone_name: str | None = None,
     ) -> None:
         super().__init__()
-        if not getattr(backbone, "exposes_pool_indices", False) or not hasattr(backbone, "forward_with_pool_indices"):
-            raise ValueError(
-                f"head 'unpool' needs a backbone that exposes its max-pool indices "
-                f"(exposes_pool_indices = True and forward_with_pool_indices(x)), but backbone "
-                f"{_name_of(backbone, backbone_name)!r} does not; use a vgg* backbone or another head"
-            )
+        # built outside build_segmentation_model, the head checks its request itself
+        backbone.spec.resolve(self.backbone_request, backbone=_name_of(backbone, backbone_name), asker="head 'unpool'")
         if convs_per_stage < 1:
             raise ValueError(f"convs_per_stage must be at least 1, got {convs_per_stage}")
         self.backbone_name = _name_of(backbone, backbone_name)
@@ -308,23 +305,41 @@ class AuxHead(nn.Module):
 
 @dataclass(frozen=True)
 class HeadSpec:
-    """A registered head name: its class, the fixed keywords of the variant and a one-line description."""
+    """A registered head name: its class, the fixed keywords of the variant, a one-line description, and
+    what it asks of the backbone (``needs``; an ``output_stride`` request follows the head's own keyword)."""
 
     cls: Callable[..., nn.Module]
     fixed: dict[str, Any] = field(default_factory=dict)
     description: str = ""
+    needs: BackboneRequest = BackboneRequest()
+
+    def request(self, name: str, head_kwargs: Mapping[str, Any] | None = None) -> BackboneRequest:
+        """What head ``name`` asks of the backbone, given its keywords (DeepLabV3's ``output_stride``)."""
+        want = (head_kwargs or {}).get("output_stride")
+        if self.needs.output_stride is None or want is None:
+            return self.needs
+        if int(want) not in SUPPORTED_OUTPUT_STRIDES:
+            raise ValueError(
+                f"{name} output_stride must be {', '.join(map(str, SUPPORTED_OUTPUT_STRIDES[:-1]))} or "
+                f"{SUPPORTED_OUTPUT_STRIDES[-1]}, got {want}"
+            )
+        return replace(self.needs, output_stride=int(want))
 
 
 SEGMENTATION_HEADS: dict[str, HeadSpec] = {
     "fcn32s": HeadSpec(FCNHead, {"num_skips": 0}, "FCN-32s: scores of the coarsest level upsampled x32"),
     "fcn16s": HeadSpec(FCNHead, {"num_skips": 1}, "FCN-16s: fuses the scores at 1/2 the coarsest stride (pool4)"),
     "fcn8s": HeadSpec(FCNHead, {"num_skips": 2}, "FCN-8s: fuses the scores at 1/2 and 1/4 the coarsest stride (pool4, pool3)"),
-    "deeplabv3": HeadSpec(DeepLabV3Head, {}, "DeepLabV3: ASPP with image pooling on a dilated backbone (output stride 16)"),
-    "unpool": HeadSpec(UnpoolDecoder, {}, "SegNet-like decoder: max unpooling with the encoder's indices + conv-bn-relu"),
+    # a backbone that does not dilate to 16 runs it at its own stride, with a warning (rates scaled to it)
+    "deeplabv3": HeadSpec(DeepLabV3Head, {}, "DeepLabV3: ASPP with image pooling on a dilated backbone (output stride 16)",
+                          BackboneRequest(output_stride=16)),
+    "unpool": HeadSpec(UnpoolDecoder, {}, "SegNet-like decoder: max unpooling with the encoder's indices + conv-bn-relu",
+                       UnpoolDecoder.backbone_request),
 }
 
 
-def _head_spec(name: str) -> HeadSpec:
+def segmentation_head_spec(name: str) -> HeadSpec:
+    """The table entry of head ``name``; an unknown name raises listing the valid ones."""
     try:
         return SEGMENTATION_HEADS[name.lower()]
     except KeyError:
@@ -333,7 +348,7 @@ def _head_spec(name: str) -> HeadSpec:
 
 def build_segmentation_head(name: str, backbone: Backbone, num_classes: int, **kw: Any) -> nn.Module:
     """The head ``name`` (fcn32s, fcn16s, fcn8s, deeplabv3, unpool) for a built backbone."""
-    spec = _head_spec(name)
+    spec = segmentation_head_spec(name)
     clash = sorted(set(kw) & set(spec.fixed))
     if clash:
         raise ValueError(f"head {name!r} fixes {clash}; pick another head name instead of passing them")
@@ -345,34 +360,22 @@ def build_segmentation_head(name: str, backbone: Backbone, num_classes: int, **k
     return spec.cls(backbone, num_classes, **spec.fixed, **kw)
 
 
-def _supported_output_strides(backbone_name: str) -> tuple[int, ...] | None:
-    """What the backbone's class declares (None when its builder declares nothing)."""
-    builder = get_backbone_entry(backbone_name).builder
-    strides = getattr(builder, "supported_output_strides", None)
-    return tuple(strides) if strides is not None else None
+def segmentation_backbone_kwargs(
+    head: str,
+    backbone_name: str,
+    head_kwargs: Mapping[str, Any] | None = None,
+    backbone_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Backbone keywords that give what ``head`` asks for, checked against the backbone's spec before it is built.
 
-
-def segmentation_backbone_kwargs(head: str, backbone_name: str, head_kwargs: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Backbone keywords a head needs: DeepLabV3 asks for ``output_stride`` 16 (or 8) by dilation.
-
-    A backbone whose class does not list the stride in ``supported_output_strides`` (VGG, say) is
-    built at its own stride with a warning; DeepLabV3 then scales its atrous rates to that stride.
+    DeepLabV3 asks for ``output_stride`` 16 (or its own keyword's 8); a backbone whose spec lacks the
+    stride (VGG, the CIFAR WRNs) is built at its own stride with a warning, and DeepLabV3 then scales
+    its atrous rates to that stride. The unpool decoder asks for max-pool indices: an error without.
     """
-    if _head_spec(head).cls is not DeepLabV3Head:
-        return {}
-    want = int((head_kwargs or {}).get("output_stride", 16))
-    if want not in (8, 16, 32):
-        raise ValueError(f"deeplabv3 output_stride must be 8, 16 or 32, got {want}")
-    supported = _supported_output_strides(backbone_name)
-    if supported is not None and want in supported:
-        return {"output_stride": want} if want != 32 else {}
-    warnings.warn(
-        f"backbone {backbone_name!r} does not support output_stride={want} by dilation "
-        f"(supported: {supported or 'not declared'}); deeplabv3 runs on its coarsest level at the "
-        f"backbone's own stride with atrous rates scaled to it",
-        stacklevel=2,
-    )
-    return {}
+    name = head.lower()
+    request = segmentation_head_spec(name).request(name, head_kwargs)
+    spec = get_backbone_entry(backbone_name).spec_for(**dict(backbone_kwargs or {}))
+    return spec.resolve(request, backbone=backbone_name, asker=f"head {name!r}")
 
 
 class SegmentationModel(nn.Module):
@@ -415,8 +418,7 @@ def build_segmentation_model(
 
     The auxiliary head reads the level before the coarsest (pool4 on VGG, layer3 on ResNet).
     """
-    _head_spec(head)
-    kw = {**segmentation_backbone_kwargs(head, backbone, head_kwargs), **dict(backbone_kwargs or {})}
+    kw = {**segmentation_backbone_kwargs(head, backbone, head_kwargs, backbone_kwargs), **dict(backbone_kwargs or {})}
     if pretrained:
         kw["pretrained"] = pretrained
     net = get_backbone_entry(backbone).build(**kw)

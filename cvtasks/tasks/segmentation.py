@@ -14,8 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 
 from ..crf import DenseCRF
 from ..data.segmentation import IGNORE_INDEX
-from ..registry import get_backbone_entry
-from ..heads.segmentation import SEGMENTATION_HEADS, build_segmentation_model
+from ..heads.segmentation import build_segmentation_model, segmentation_head_spec
 from ..visualize import denormalise
 from ..writers import SegmentationWriter
 from .base import BaseTask
@@ -72,8 +71,7 @@ class SemanticSegmentationTask(BaseTask):
         """``head``: fcn32s, fcn16s, fcn8s, deeplabv3 or unpool; ``crf`` refines predictions (val, test, predict)."""
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        if head.lower() not in SEGMENTATION_HEADS:
-            raise ValueError(f"unknown segmentation head {head!r}; choose one of {', '.join(SEGMENTATION_HEADS)}")
+        segmentation_head_spec(head)  # an unknown name fails before the class weights are looked at
         if class_weights is not None and len(class_weights) != self.num_classes:
             raise ValueError(f"class_weights has {len(class_weights)} values for {self.num_classes} classes")
         if dice_weight < 0 or aux_loss_weight < 0:
@@ -174,7 +172,7 @@ class SemanticSegmentationTask(BaseTask):
         images = batch["image"]
         items: Sequence[Tensor] = images if isinstance(images, list) else list(images)
         records = []
-        min_side = get_backbone_entry(self.backbone_name).min_input_size
+        min_side = self.model.backbone.spec.min_input_size
         for img, path, size in zip(items, batch["path"], batch["orig_size"]):
             h0, w0 = img.shape[-2:]
             # an image smaller than the backbone's smallest input is padded, and the padding cropped off again
