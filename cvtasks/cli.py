@@ -15,6 +15,7 @@ from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from .backbone import backbone_normalization
 from .callbacks import RunConfigSaver, StepCheckpoint
 from .data.base import SplitDataModule
 from .registry import get_backbone_entry
@@ -30,6 +31,16 @@ LOGGER_PATHS = {
     "lightning.pytorch.loggers.CSVLogger": "csv",
     "lightning.pytorch.loggers.TensorBoardLogger": "tensorboard",
 }
+
+
+def _backbone_mean(backbone: str) -> list[float]:
+    """The mean that ``backbone``'s published weights expect (linked into the data module)."""
+    return list(backbone_normalization(backbone).mean)
+
+
+def _backbone_std(backbone: str) -> list[float]:
+    """The std that ``backbone``'s published weights expect (linked into the data module)."""
+    return list(backbone_normalization(backbone).std)
 
 
 class CvtasksCLI(LightningCLI):
@@ -56,6 +67,9 @@ class CvtasksCLI(LightningCLI):
         parser.add_argument("--predict_out", type=str | None, default=None, help="predict's output folder (default: runs/<run>/predictions)")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        # the data normalises as the backbone's published weights expect (its spec), for every stage
+        parser.link_arguments("model.init_args.backbone", "data.init_args.mean", compute_fn=_backbone_mean, apply_on="parse")
+        parser.link_arguments("model.init_args.backbone", "data.init_args.std", compute_fn=_backbone_std, apply_on="parse")
 
     # -- a run's config wins over its checkpoint's saved hyperparameters -------------------------
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:

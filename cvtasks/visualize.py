@@ -99,17 +99,20 @@ def log_images(
     captions: list[str] | None = None,
     masks: list[dict[str, np.ndarray]] | None = None,
     boxes: list[dict[str, dict[str, Any]]] | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
 ) -> None:
     """Log images to W&B (with mask overlays and boxes) or TensorBoard; other loggers get nothing.
 
-    ``images`` are uint8 (B, 3, H, W) tensors (normalised floats are denormalised) or HxWx3 arrays.
+    ``images`` are uint8 (B, 3, H, W) tensors, or floats normalised with ``mean``/``std`` (undone
+    here), or HxWx3 arrays.
     ``masks``: per image, a dict such as {"prediction": HxW ints, "ground_truth": HxW ints}.
     ``boxes``: per image, a dict such as {"prediction": {"boxes": Nx4 xyxy pixels, "labels": N,
     "scores": N}, "ground_truth": {...}}.
     """
     if isinstance(images, Tensor):
         if images.dtype != torch.uint8:
-            images = denormalise(images)
+            images = denormalise(images, mean, std)
         arrays = [im.permute(1, 2, 0).cpu().numpy() for im in images]
     else:
         arrays = list(images)

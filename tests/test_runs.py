@@ -15,6 +15,7 @@ import yaml
 from conftest import REPO, run_cli
 from cvtasks.commands import COMMANDS, command_help
 from cvtasks.data import ShapesDataModule
+from cvtasks.registry import list_backbones
 from cvtasks.runs import RunFolder
 from cvtasks.tasks.classification import ClassificationTask
 
@@ -133,3 +134,24 @@ def test_evaluate_and_predict_run_read_the_run_folder(workdir: Path) -> None:
     assert proc.returncode == 2 and "label_smoothing must be in [0, 1), got 1.5" in proc.stderr, proc.stderr[-3000:]
     proc = run_cli(["evaluate", "r2"], workdir)
     assert proc.returncode == 2 and "no run 'r2'" in proc.stderr and "ls runs/" in proc.stderr
+
+
+def test_data_and_detector_normalise_as_the_backbones_weights_expect(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI links data.mean/std from the backbone's spec; detectors take it from the built backbone."""
+    from conftest import TinyNet
+    from cvtasks.cli import CvtasksCLI
+    from cvtasks.registry import register_backbone
+
+    half = (0.5, 0.5, 0.5)
+    if "_tinynet_half" not in list_backbones("_tinynet*"):
+        register_backbone("_tinynet_half", family="test", spec={"mean": half, "std": half, "min_input_size": 32})(TinyNet)
+    monkeypatch.chdir(workdir)
+    quiet = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--data.num_samples", "9"]
+    for backbone, expected in (("_tinynet_half", half), ("_tinynet", (0.485, 0.456, 0.406))):
+        cli = CvtasksCLI(["validate", "--config", "configs/classification.yaml", "--model.backbone", backbone,
+                          "--data.img_size", "32", *quiet])
+        assert cli.datamodule.mean == expected and cli.model.normalization.mean == expected
+    cli = CvtasksCLI(["validate", "--config", "configs/detection.yaml", "--model.backbone", "_tinynet_half",
+                      "--model.neck_channels", "16", "--data.img_size", "64", *quiet])
+    transform = cli.model.model.model.transform
+    assert tuple(transform.image_mean) == half and tuple(transform.image_std) == half

@@ -27,7 +27,7 @@ from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.models.detection.ssd import SSD
 
 from ..backbone import Backbone
-from ..layers import ConvNormAct
+from ..layers import ConvNormAct, group_norm_groups
 from .anchors import anchor_generator
 from .neck import FeaturePyramidNeck, level_name, select_levels
 
@@ -35,8 +35,8 @@ __all__ = ["SSDFeatures", "fcos", "retinanet", "ssd", "ssd_features"]
 
 
 def _group_norm(channels: int) -> partial:
-    """GroupNorm with 32 groups where the width allows (Wu & He 2018), fewer otherwise."""
-    return partial(nn.GroupNorm, math.gcd(32, channels))
+    """GroupNorm with the house's group count for this width (``layers.group_norm_groups``)."""
+    return partial(nn.GroupNorm, group_norm_groups(channels))
 
 
 def retinanet(

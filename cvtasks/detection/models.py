@@ -13,8 +13,8 @@ in their own files:
 A new detector (CornerNet, R-FCN, ...) is a new file with a builder (and a neck where the
 pyramids of :mod:`.neck` do not fit) plus one line in :data:`DETECTORS`.
 
-Images go in as ``list[Tensor]`` in [0, 1] (the detectors normalise them with ImageNet's mean/std
-internally); targets are ``list[dict(boxes, labels, masks)]``.
+Images go in as ``list[Tensor]`` in [0, 1] (the detectors normalise them internally with the
+mean/std of the backbone's spec: what its published weights expect); targets are ``list[dict(boxes, labels, masks)]``.
 
 Label convention: our data's labels are 0-based kinds. Faster/Mask R-CNN and SSD classify with a
 softmax whose class 0 is background, so :class:`Detector` adds 1 to the labels going in and
@@ -33,7 +33,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone
+from ..backbone import Backbone
 from ..registry import create_backbone
 from . import dense, rcnn
 from .anchors import anchor_sizes
@@ -200,8 +200,8 @@ def build_detector(
     neck_channels: int = 256,
     strides: Sequence[int] | None = None,
     min_stride: int | None = None,
-    image_mean: Sequence[float] = IMAGENET_MEAN,
-    image_std: Sequence[float] = IMAGENET_STD,
+    image_mean: Sequence[float] | None = None,
+    image_std: Sequence[float] | None = None,
     **detector_kwargs: Any,
 ) -> Detector:
     """Build detector ``name`` (see DETECTORS) on a registry backbone (a name or a built Backbone).
@@ -211,6 +211,8 @@ def build_detector(
     GeneralizedRCNNTransform's resize bounds: set them to the data's image size so nothing is
     resized needlessly (``max_size`` defaults to ``min_size * 1333 / 800``, torchvision's ratio).
     ``strides`` / ``min_stride`` pick the backbone levels (``min_stride`` defaults from DETECTORS).
+    ``image_mean``/``image_std``: how the detector normalises its [0, 1] images; by default what
+    the backbone's published weights expect (its spec), so pretrained weights see their own inputs.
     ``detector_kwargs`` go to the detector's neck or builder, whichever declares them (e.g.
     ``anchor_scale``, ``aspect_ratios``, ``representation_size``/``mask_layers`` for the R-CNNs,
     ``num_levels`` for SSD) or on to the torchvision detector (``rpn_batch_size_per_image``,
@@ -237,6 +239,8 @@ def build_detector(
         body = backbone
     if not getattr(body, "feature_info", None):
         raise ValueError(f"the backbone {type(body).__name__} declares no feature_info; detectors need its levels")
+    image_mean = body.spec.mean if image_mean is None else image_mean
+    image_std = body.spec.std if image_std is None else image_std
     neck = spec.neck(
         body, out_channels=neck_channels, strides=strides, min_stride=spec.min_stride if min_stride is None else min_stride,
         **_declared(spec.neck, {"min_size": min_size}), **{k: v for k, v in detector_kwargs.items() if k in neck_keys},

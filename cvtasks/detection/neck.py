@@ -21,6 +21,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from ..backbone import Backbone, FeatureInfo
+from ..layers import group_norm_groups
 
 __all__ = ["EXTRA_LEVELS", "FeaturePyramidNeck", "SimplePyramid", "fpn_neck", "select_levels", "level_name"]
 
@@ -115,9 +116,9 @@ class SimplePyramid(nn.Module):
                 nn.Sequential(
                     resample,
                     nn.Conv2d(ch, out_channels, 1, bias=False),
-                    nn.GroupNorm(32 if out_channels % 32 == 0 else 1, out_channels),
+                    nn.GroupNorm(group_norm_groups(out_channels), out_channels),
                     nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
-                    nn.GroupNorm(32 if out_channels % 32 == 0 else 1, out_channels),
+                    nn.GroupNorm(group_norm_groups(out_channels), out_channels),
                 )
             )
 

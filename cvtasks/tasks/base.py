@@ -13,6 +13,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 
 from .. import visualize
+from ..backbone import Normalization, backbone_normalization
 from ..writers import PredictionWriter
 
 __all__ = ["BaseTask"]
@@ -143,7 +144,12 @@ class BaseTask(LightningModule):
     ) -> None:
         """Log images to the run's W&B or TensorBoard loggers (see ``cvtasks.visualize.log_images``)."""
         visualize.log_images(self.loggers, key, images, step=self.global_step, class_names=self.class_names,
-                             captions=captions, masks=masks, boxes=boxes)
+                             captions=captions, masks=masks, boxes=boxes, **self.normalization._asdict())
+
+    @property
+    def normalization(self) -> Normalization:
+        """The mean/std the backbone's published weights expect: what the data normalised images with."""
+        return backbone_normalization(self.backbone_name)
 
     # -- predict -----------------------------------------------------------------------------
     def prediction_writer(self, out_dir: Path) -> PredictionWriter:

@@ -124,7 +124,7 @@ class SemanticSegmentationTask(BaseTask):
         if logits is None:
             logits = self.model(images)
         if self.crf is not None:
-            return self.crf(logits, denormalise(images).float()).argmax(dim=1)
+            return self.crf(logits, denormalise(images, *self.normalization).float()).argmax(dim=1)
         return logits.argmax(dim=1)
 
     def _eval_step(self, batch: dict[str, Any], stage: str, batch_idx: int) -> None:
