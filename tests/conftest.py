@@ -23,6 +23,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m cvtasks ...` in ``cwd`` with the repo's configs reachable as configs/."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1", **(env or {})}
+    # a W&B run made in this process left its service's address here; a user's command starts its own
+    full_env.pop("WANDB_SERVICE", None)
     return subprocess.run(
         [sys.executable, "-m", "cvtasks", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
     )
