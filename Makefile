@@ -49,7 +49,7 @@ CLI_ARGS = --config configs/$(TASK).yaml \
 	$(if $(PRECISION),--trainer.precision $(PRECISION)) \
 	$(if $(RUN),--run_name $(RUN))
 
-.PHONY: help setup lock check-task train evaluate predict resume backbones check-backbone test test-fast bench docs clean
+.PHONY: help setup lock check-task train evaluate predict resume backbones summary cv check-backbone test test-fast bench docs clean
 
 help: ## show this help: targets, then variables with their defaults
 	@echo "Targets:"
@@ -61,7 +61,7 @@ help: ## show this help: targets, then variables with their defaults
 	@echo "  DATA=              a folder of real data (classification: one sub-folder per class; segmentation: VOC layout; detection: COCO json + images)"
 	@echo "  EPOCHS=            training epochs (default: the task config's)"
 	@echo "  BATCH=             batch size per device (default: the task config's)"
-	@echo "  IMG=               image size in pixels (default: the task config's)"
+	@echo "  IMG=               image size in pixels (default: the task config's; make summary: 224)"
 	@echo "  DEVICES=           devices per node, e.g. 2 (with STRATEGY=ddp)"
 	@echo "  STRATEGY=          auto | ddp | ddp_spawn | ..."
 	@echo "  PRECISION=         32-true | 16-mixed | bf16-mixed"
@@ -69,7 +69,7 @@ help: ## show this help: targets, then variables with their defaults
 	@echo "  RUN=               run name: the folder runs/<RUN>/ (default: task-backbone-time)"
 	@echo "  HEAD=              segmentation head: fcn32s | fcn16s | fcn8s | deeplabv3 | unpool (resets the config's head_kwargs)"
 	@echo "  DETECTOR=          $(call detector_names,!) (TASK=instance_segmentation: $(call detector_names,));  ROI=align | pool"
-	@echo "  NAME=              backbone name(s) for make check-backbone"
+	@echo "  NAME=              backbone name(s) for make check-backbone and make summary"
 	@echo "  INPUT=             folder of images for make predict"
 	@echo "  ARGS=              passed to the CLI as they are, e.g. ARGS='--model.lr 0.01'"
 
@@ -110,6 +110,10 @@ resume: $(STAMP) ## continue an interrupted run from its folder alone (RUN=...)
 
 backbones: $(STAMP) ## list registered backbones: family, params, GFLOPs at 224, strides/channels, reference (PATTERN=...)
 	$(PY) -m cvtasks backbones $(PATTERN) $(ARGS)
+
+summary: $(STAMP) ## the anatomy of a net, layer by layer: output, params, mult-adds, stride, receptive field (NAME=... [IMG=224])
+	@test -n "$(NAME)" || { echo "error: make summary needs NAME=<backbone>; see make backbones" >&2; exit 2; }
+	$(PY) -m cvtasks summary $(NAME) --size $(or $(IMG),224) $(ARGS)
 
 check-backbone: $(STAMP) ## run the conformance checks on a registered backbone (NAME=...)
 	@test -n "$(NAME)" || { echo "error: make check-backbone needs NAME=<backbone>; see make backbones" >&2; exit 2; }

@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "evaluate",
     "predict-run": "predict_run",
     "resume": "resume",
+    "summary": "summary",
 }
 
 
