@@ -22,6 +22,7 @@ HEAD       ?=
 DETECTOR   ?=
 ROI        ?=
 NAME       ?=
+K          ?= 5
 INPUT      ?=
 PATTERN    ?=
 PYTEST_ARGS ?=
@@ -69,6 +70,7 @@ help: ## show this help: targets, then variables with their defaults
 	@echo "  RUN=               run name: the folder runs/<RUN>/ (default: task-backbone-time)"
 	@echo "  HEAD=              segmentation head: fcn32s | fcn16s | fcn8s | deeplabv3 | unpool (resets the config's head_kwargs)"
 	@echo "  DETECTOR=          $(call detector_names,!) (TASK=instance_segmentation: $(call detector_names,));  ROI=align | pool"
+	@echo "  K=$(K)                number of folds for make cv (each fold in turn is the test set)"
 	@echo "  NAME=              backbone name(s) for make check-backbone and make summary"
 	@echo "  INPUT=             folder of images for make predict"
 	@echo "  ARGS=              passed to the CLI as they are, e.g. ARGS='--model.lr 0.01'"
@@ -95,6 +97,9 @@ check-task:
 
 train: $(STAMP) check-task ## train TASK with BACKBONE on DATA (default: the generated shapes); writes runs/<RUN>/
 	$(PY) -m cvtasks fit $(CLI_ARGS) $(ARGS)
+
+cv: $(STAMP) check-task ## k-fold cross-validation (K=5 TASK BACKBONE [DATA] [EPOCHS] [RUN]): a run per fold, mean ± std; again to continue
+	$(PY) -m cvtasks cv --folds $(K) $(CLI_ARGS) $(ARGS)
 
 evaluate: $(STAMP) ## evaluate a run's best checkpoint on its test split (RUN=...); writes runs/<RUN>/test_metrics.json
 	@test -n "$(RUN)" || { echo "error: make evaluate needs RUN=<run name>; see ls runs/" >&2; exit 2; }
