@@ -89,8 +89,10 @@ def test_receptive_field_equals_the_gradient_measurement(name: str, kwargs: dict
 
 
 def test_known_receptive_fields() -> None:
-    # Araujo, Norris & Sim, Computing Receptive Fields of Convolutional Neural Networks (Distill, 2019): VGG-16 212
+    # Araujo, Norris & Sim, Computing Receptive Fields of Convolutional Neural Networks (Distill, 2019), Table 1
     assert level_fields(create_backbone("vgg16"), 32)["pool5"].size == (212, 212)
+    assert list(level_fields(create_backbone("alexnet"), 95).values())[-1].size == (195, 195)
+    assert list(level_fields(create_backbone("inception_v3"), 139).values())[-1].size == (1311, 1311)
     fields = level_fields(create_backbone("resnet18"), 64)
     assert [f.size[0] for f in fields.values()] == [7, 43, 99, 211, 435]
     assert [f.stride[0] for f in fields.values()] == [2, 4, 8, 16, 32]
