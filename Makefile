@@ -22,6 +22,7 @@ HEAD       ?=
 DETECTOR   ?=
 ROI        ?=
 NAME       ?=
+K          ?= 5
 INPUT      ?=
 PATTERN    ?=
 PYTEST_ARGS ?=
@@ -49,7 +50,7 @@ CLI_ARGS = --config configs/$(TASK).yaml \
 	$(if $(PRECISION),--trainer.precision $(PRECISION)) \
 	$(if $(RUN),--run_name $(RUN))
 
-.PHONY: help setup lock check-task train evaluate predict resume backbones check-backbone test test-fast bench docs clean
+.PHONY: help setup lock check-task train evaluate predict resume backbones summary cv check-backbone test test-fast bench docs clean
 
 help: ## show this help: targets, then variables with their defaults
 	@echo "Targets:"
@@ -61,7 +62,7 @@ help: ## show this help: targets, then variables with their defaults
 	@echo "  DATA=              a folder of real data (classification: one sub-folder per class; segmentation: VOC layout; detection: COCO json + images)"
 	@echo "  EPOCHS=            training epochs (default: the task config's)"
 	@echo "  BATCH=             batch size per device (default: the task config's)"
-	@echo "  IMG=               image size in pixels (default: the task config's)"
+	@echo "  IMG=               image size in pixels (default: the task config's; make summary: 224)"
 	@echo "  DEVICES=           devices per node, e.g. 2 (with STRATEGY=ddp)"
 	@echo "  STRATEGY=          auto | ddp | ddp_spawn | ..."
 	@echo "  PRECISION=         32-true | 16-mixed | bf16-mixed"
@@ -69,7 +70,8 @@ help: ## show this help: targets, then variables with their defaults
 	@echo "  RUN=               run name: the folder runs/<RUN>/ (default: task-backbone-time)"
 	@echo "  HEAD=              segmentation head: fcn32s | fcn16s | fcn8s | deeplabv3 | unpool (resets the config's head_kwargs)"
 	@echo "  DETECTOR=          $(call detector_names,!) (TASK=instance_segmentation: $(call detector_names,));  ROI=align | pool"
-	@echo "  NAME=              backbone name(s) for make check-backbone"
+	@echo "  K=$(K)                number of folds for make cv (each fold in turn is the test set)"
+	@echo "  NAME=              backbone name(s) for make check-backbone and make summary"
 	@echo "  INPUT=             folder of images for make predict"
 	@echo "  ARGS=              passed to the CLI as they are, e.g. ARGS='--model.lr 0.01'"
 
@@ -96,6 +98,9 @@ check-task:
 train: $(STAMP) check-task ## train TASK with BACKBONE on DATA (default: the generated shapes); writes runs/<RUN>/
 	$(PY) -m cvtasks fit $(CLI_ARGS) $(ARGS)
 
+cv: $(STAMP) check-task ## k-fold cross-validation (K=5 TASK BACKBONE [DATA] [EPOCHS] [RUN]): a run per fold, mean ± std; again to continue
+	$(PY) -m cvtasks cv --folds $(K) $(CLI_ARGS) $(ARGS)
+
 evaluate: $(STAMP) ## evaluate a run's best checkpoint on its test split (RUN=...); writes runs/<RUN>/test_metrics.json
 	@test -n "$(RUN)" || { echo "error: make evaluate needs RUN=<run name>; see ls runs/" >&2; exit 2; }
 	$(PY) -m cvtasks evaluate $(RUN) $(ARGS)
@@ -110,6 +115,10 @@ resume: $(STAMP) ## continue an interrupted run from its folder alone (RUN=...)
 
 backbones: $(STAMP) ## list registered backbones: family, params, GFLOPs at 224, strides/channels, reference (PATTERN=...)
 	$(PY) -m cvtasks backbones $(PATTERN) $(ARGS)
+
+summary: $(STAMP) ## the anatomy of a net, layer by layer: output, params, mult-adds, stride, receptive field (NAME=... [IMG=224])
+	@test -n "$(NAME)" || { echo "error: make summary needs NAME=<backbone>; see make backbones" >&2; exit 2; }
+	$(PY) -m cvtasks summary $(NAME) --size $(or $(IMG),224) $(ARGS)
 
 check-backbone: $(STAMP) ## run the conformance checks on a registered backbone (NAME=...)
 	@test -n "$(NAME)" || { echo "error: make check-backbone needs NAME=<backbone>; see make backbones" >&2; exit 2; }

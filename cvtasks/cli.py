@@ -64,6 +64,8 @@ class CvtasksCLI(LightningCLI):
         parser.add_argument("--run_name", type=str | None, default=None, help="run folder name under runs_dir (default: task-backbone-time)")
         parser.add_argument("--runs_dir", type=str, default="runs", help="where run folders live")
         parser.add_argument("--checkpoint_every_n_steps", type=int, default=50, help="save last.ckpt this often (0: only at epoch ends)")
+        parser.add_argument("--group", type=str | None, default=None,
+                            help="a name shared by related runs, e.g. the folds of a cv run (the W&B group)")
         parser.add_argument("--predict_out", type=str | None, default=None, help="predict's output folder (default: runs/<run>/predictions)")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
@@ -153,6 +155,8 @@ class CvtasksCLI(LightningCLI):
                     setitem("name", cfg.run_name)
                 if not getitem("id"):
                     setitem("id", slug(cfg.run_name)[:64])
+                if cfg.get("group") and not getitem("group"):  # the folds of a cv run side by side in W&B
+                    setitem("group", cfg.group)
 
     # -- the trainer and its callbacks ----------------------------------------------------------
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:

@@ -16,9 +16,11 @@ __all__ = ["COMMANDS", "command_help", "run_command", "run_parser"]
 COMMANDS: dict[str, str] = {
     "backbones": "backbones",
     "check-backbone": "check_backbone",
+    "cv": "cv",
     "evaluate": "evaluate",
     "predict-run": "predict_run",
     "resume": "resume",
+    "summary": "summary",
 }
 
 
