@@ -26,6 +26,7 @@ K          ?= 5
 INPUT      ?=
 PATTERN    ?=
 PYTEST_ARGS ?=
+TEST_JOBS  ?= 2
 ARGS       ?=
 
 TASKS := $(patsubst configs/%.yaml,%,$(wildcard configs/*.yaml))
@@ -124,11 +125,11 @@ check-backbone: $(STAMP) ## run the conformance checks on a registered backbone 
 	@test -n "$(NAME)" || { echo "error: make check-backbone needs NAME=<backbone>; see make backbones" >&2; exit 2; }
 	$(PY) -m cvtasks check-backbone $(NAME) $(ARGS)
 
-test: $(STAMP) ## run the whole test suite (heavier tests included)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+test: $(STAMP) ## run the whole test suite (heavier tests included), in TEST_JOBS processes
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: $(STAMP) ## run the tests not marked slow
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP) ## side-by-side benchmarks: native backbones vs reference, Lightning vs a plain loop
 	$(PY) -m benchmarks $(ARGS)

@@ -12,6 +12,7 @@ from conftest import REPO, run_cli
 from cvtasks import create_backbone
 from cvtasks.__main__ import main as cvtasks_main
 from cvtasks.anatomy import Field, anatomy, anatomy_table, level_fields
+from cvtasks.registry import get_backbone_entry
 from cvtasks.summary import backbone_table, measure_backbone
 
 
@@ -134,7 +135,8 @@ def test_summary_command_and_its_errors(workdir, capsys: pytest.CaptureFixture[s
     err = capsys.readouterr().err
     assert "unknown backbone 'vgg61'" in err and "vgg16" in err and "make backbones" in err
     assert cvtasks_main(["summary", "googlenet", "--size", "8"]) == 2
-    assert "at least 15 px, got --size 8; pass --size 15 or more" in capsys.readouterr().err
+    floor = get_backbone_entry("googlenet").min_input_size  # the backbone's spec says how small
+    assert f"at least {floor} px, got --size 8; pass --size {floor} or more" in capsys.readouterr().err
 
 
 def test_make_summary_names_the_net_and_size() -> None:
