@@ -75,6 +75,7 @@ help: ## show this help: targets, then variables with their defaults
 	@echo "  NAME=              backbone name(s) for make check-backbone and make summary"
 	@echo "  INPUT=             folder of images for make predict"
 	@echo "  ARGS=              passed to the CLI as they are, e.g. ARGS='--model.lr 0.01'"
+	@echo "  TEST_JOBS=$(TEST_JOBS)        pytest processes for make test (pytest-xdist); PYTEST_ARGS= adds pytest options"
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON_SYS) -m venv $(VENV)
