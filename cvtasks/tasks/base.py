@@ -8,12 +8,14 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-from lightning import LightningModule
+from lightning import Callback, LightningModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torchmetrics import MeanMetric
 
 from .. import visualize
-from ..backbone import Normalization, backbone_normalization
+from ..backbone import Backbone, Normalization, backbone_normalization
+from ..finetuning import FreezeBackbone, ema_callback
 from ..writers import PredictionWriter
 
 __all__ = ["BaseTask"]
@@ -46,6 +48,9 @@ class BaseTask(LightningModule):
         gamma: float = 0.1,
         class_names: list[str] | None = None,
         log_images_every_n_epochs: int = 1,
+        freeze_backbone_epochs: int = 0,
+        backbone_lr_mult: float = 1.0,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -56,6 +61,15 @@ class BaseTask(LightningModule):
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}")
+        if isinstance(freeze_backbone_epochs, bool) or not isinstance(freeze_backbone_epochs, int) or freeze_backbone_epochs < 0:
+            raise ValueError(f"freeze_backbone_epochs must be a whole number of epochs >= 0, got {freeze_backbone_epochs!r}")
+        if not (math.isfinite(backbone_lr_mult) and backbone_lr_mult > 0):
+            raise ValueError(
+                f"backbone_lr_mult must be positive, got {backbone_lr_mult}; to keep the backbone fixed, "
+                f"set freeze_backbone_epochs to the number of epochs instead"
+            )
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) (0.999 is usual) or null for no EMA, got {ema_decay}")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names given for {num_classes} classes")
         self.num_classes = num_classes
@@ -71,11 +85,48 @@ class BaseTask(LightningModule):
             "optimizer": optimizer.lower(), "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
             "scheduler": scheduler.lower(), "warmup_epochs": warmup_epochs, "step_size": step_size, "gamma": gamma,
         }
+        self.freeze_backbone_epochs = freeze_backbone_epochs
+        self.backbone_lr_mult = backbone_lr_mult
+        self.ema_decay = ema_decay
+
+    # -- fine-tuning -------------------------------------------------------------------------
+    def backbone_module(self) -> torch.nn.Module:
+        """The registry backbone inside this task's model: what freezing and ``backbone_lr_mult`` act on."""
+        # modules() walks depth first from the top, so the first Backbone is the outermost one
+        for module in self.modules():
+            if isinstance(module, Backbone):
+                return module
+        raise RuntimeError(f"{type(self).__name__} holds no registry Backbone to freeze or give its own lr")
+
+    @property
+    def backbone_lr(self) -> float:
+        """The backbone's base learning rate: ``lr × backbone_lr_mult`` (the schedule scales it like the rest)."""
+        return self.optim_settings["lr"] * self.backbone_lr_mult
+
+    def configure_callbacks(self) -> list[Callback]:
+        """The fine-tuning callbacks this task's settings ask for (the Trainer adds them; the CLI needs nothing)."""
+        # both act on training only; validate, test and predict run the weights they are given
+        if self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return []
+        callbacks: list[Callback] = []
+        if self.freeze_backbone_epochs > 0:
+            callbacks.append(FreezeBackbone(self.freeze_backbone_epochs))
+        if self.ema_decay is not None:
+            callbacks.append(ema_callback(self.ema_decay))
+        return callbacks
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
+        """The optimiser over the trainable parameters (the backbone's in a group at ``backbone_lr``) and its schedule."""
         hp = self.optim_settings
-        params = [p for p in self.parameters() if p.requires_grad]
+        in_backbone = {id(p) for p in self.backbone_module().parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        # a frozen backbone has no trainable parameters yet: FreezeBackbone adds its group when it unfreezes it
+        groups = [
+            {"params": [p for p in trainable if id(p) not in in_backbone], "name": "head"},
+            {"params": [p for p in trainable if id(p) in in_backbone], "lr": self.backbone_lr, "name": "backbone"},
+        ]
+        params = [g for g in groups if g["params"]]
         name = hp["optimizer"]
         if name == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(
