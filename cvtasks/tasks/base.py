@@ -127,6 +127,8 @@ class BaseTask(LightningModule):
             {"params": [p for p in trainable if id(p) in in_backbone], "lr": self.backbone_lr, "name": "backbone"},
         ]
         params = [g for g in groups if g["params"]]
+        if self.backbone_lr_mult == 1.0:  # one group, as before the switch existed: older runs' optimiser states still resume
+            params = trainable
         name = hp["optimizer"]
         if name == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(
