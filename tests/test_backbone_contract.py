@@ -56,7 +56,9 @@ def _check_forward(model: Backbone, size: int) -> None:
 
 def test_registered_names_are_the_documented_ones() -> None:
     # a variant dropped from a plugin's table, or registered without a docs row, shows here
-    assert sorted(NAMES) == sorted(DOCUMENTED)
+    missing, stale = sorted(set(NAMES) - set(DOCUMENTED)), sorted(set(DOCUMENTED) - set(NAMES))
+    assert not missing, f"not in docs/backbones.json: {missing}; run make docs ARGS=\"--pattern '<name>'\" for each"
+    assert not stale, f"docs/backbones.json lists nets no plugin registers: {stale}; remove their rows (make docs)"
     for name in NAMES:
         entry = get_backbone_entry(name)
         assert entry.family and entry.paper, name
@@ -78,7 +80,8 @@ def test_contract(name: str) -> None:
         assert max(f.stride for f in dilated.feature_info) == stride == dilated.output_stride
         _check_forward(dilated, spec.min_input_size)
     assert backbone_normalization(name) == (spec.mean, spec.std) and len(spec.mean) == 3
-    documented = DOCUMENTED[name]
+    documented = DOCUMENTED.get(name)
+    assert documented, f"{name} is not in docs/backbones.json; run make docs ARGS=\"--pattern '{name}'\""
     assert documented["levels"] == " ".join(f"{f.name}:{f.channels}@{f.stride}" for f in model.feature_info)
     assert documented["output_stride"] == "/".join(map(str, spec.supported_output_strides))
 
