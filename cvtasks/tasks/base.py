@@ -119,16 +119,16 @@ class BaseTask(LightningModule):
     def configure_optimizers(self) -> Any:
         """The optimiser over the trainable parameters (the backbone's in a group at ``backbone_lr``) and its schedule."""
         hp = self.optim_settings
-        in_backbone = {id(p) for p in self.backbone_module().parameters()}
         trainable = [p for p in self.parameters() if p.requires_grad]
-        # a frozen backbone has no trainable parameters yet: FreezeBackbone adds its group when it unfreezes it
-        groups = [
-            {"params": [p for p in trainable if id(p) not in in_backbone], "name": "head"},
-            {"params": [p for p in trainable if id(p) in in_backbone], "lr": self.backbone_lr, "name": "backbone"},
-        ]
-        params = [g for g in groups if g["params"]]
-        if self.backbone_lr_mult == 1.0:  # one group, as before the switch existed: older runs' optimiser states still resume
-            params = trainable
+        params: list[Any] = trainable  # one group, as before the switch existed: older runs' optimiser states still resume
+        if self.backbone_lr_mult != 1.0:
+            in_backbone = {id(p) for p in self.backbone_module().parameters()}
+            # a frozen backbone has no trainable parameters yet: FreezeBackbone adds its group when it unfreezes it
+            groups = [
+                {"params": [p for p in trainable if id(p) not in in_backbone], "name": "head"},
+                {"params": [p for p in trainable if id(p) in in_backbone], "lr": self.backbone_lr, "name": "backbone"},
+            ]
+            params = [g for g in groups if g["params"]]
         name = hp["optimizer"]
         if name == "sgd":
             opt: torch.optim.Optimizer = torch.optim.SGD(
