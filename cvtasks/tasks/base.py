@@ -92,7 +92,8 @@ class BaseTask(LightningModule):
     # -- fine-tuning -------------------------------------------------------------------------
     def backbone_module(self) -> torch.nn.Module:
         """The registry backbone inside this task's model: what freezing and ``backbone_lr_mult`` act on."""
-        # modules() walks depth first from the top, so the first Backbone is the outermost one
+        # found by type, so every task's model is covered wherever it keeps the backbone (a classifier's
+        # .backbone, a detector's neck.body); modules() walks depth first, so this is the outermost one
         for module in self.modules():
             if isinstance(module, Backbone):
                 return module

@@ -48,10 +48,6 @@ class ClassificationTask(BaseTask):
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
-    def backbone_module(self) -> torch.nn.Module:
-        """The classifier's backbone (its head, from ``build_head``, is the rest)."""
-        return self.model.backbone
-
     def _step(self, batch: tuple[Tensor, Tensor], stage: str, batch_idx: int) -> Tensor:
         x, y = batch
         logits = self(x)

@@ -93,11 +93,6 @@ class DetectionTask(BaseTask):
     def forward(self, images: Sequence[Tensor], targets: Sequence[dict[str, Any]] | None = None) -> Any:
         return self.model(list(images), None if targets is None else list(targets))
 
-    def backbone_module(self) -> torch.nn.Module:
-        """The registry backbone inside the detector's neck (neck, heads and RPN are the rest)."""
-        # found by type: each neck keeps it under its own attribute (FeaturePyramidNeck.body, SSDFeatures.body)
-        return super().backbone_module()
-
     # -- steps ---------------------------------------------------------------------------------
     def _train_targets(self, targets: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         """Targets without COCO crowd regions (never training targets)."""

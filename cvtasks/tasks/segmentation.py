@@ -99,10 +99,6 @@ class SemanticSegmentationTask(BaseTask):
         """Class scores (B, num_classes, H, W) at the input's size."""
         return self.model(x)
 
-    def backbone_module(self) -> torch.nn.Module:
-        """The segmentation model's backbone (the head and the auxiliary head are the rest)."""
-        return self.model.backbone
-
     # -- loss ----------------------------------------------------------------------------------
     def compute_loss(self, logits: Tensor, target: Tensor, aux: Tensor | None = None) -> Tensor:
         """Cross-entropy (+ Dice, + weighted auxiliary cross-entropy) over the non-ignored pixels."""
