@@ -21,6 +21,7 @@ RUN        ?=
 HEAD       ?=
 DETECTOR   ?=
 ROI        ?=
+PRETRAINED ?=
 NAME       ?=
 K          ?= 5
 INPUT      ?=
@@ -43,6 +44,7 @@ CLI_ARGS = --config configs/$(TASK).yaml \
 	$(if $(HEAD),--model.head $(HEAD) --model.head_kwargs null) \
 	$(if $(DETECTOR),--model.detector $(DETECTOR)) \
 	$(if $(ROI),--model.roi $(ROI)) \
+	$(if $(PRETRAINED),--model.pretrained $(PRETRAINED)) \
 	$(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) \
 	$(if $(BATCH),--data.batch_size $(BATCH)) \
 	$(if $(IMG),--data.img_size $(IMG)) \
@@ -51,7 +53,7 @@ CLI_ARGS = --config configs/$(TASK).yaml \
 	$(if $(PRECISION),--trainer.precision $(PRECISION)) \
 	$(if $(RUN),--run_name $(RUN))
 
-.PHONY: help setup lock check-task train evaluate predict resume backbones summary cv check-backbone test test-fast bench docs clean
+.PHONY: help setup lock check-task train evaluate predict resume backbones weights summary cv check-backbone test test-fast bench docs clean
 
 help: ## show this help: targets, then variables with their defaults
 	@echo "Targets:"
@@ -71,8 +73,9 @@ help: ## show this help: targets, then variables with their defaults
 	@echo "  RUN=               run name: the folder runs/<RUN>/ (default: task-backbone-time)"
 	@echo "  HEAD=              segmentation head: fcn32s | fcn16s | fcn8s | deeplabv3 | unpool (resets the config's head_kwargs)"
 	@echo "  DETECTOR=          $(call detector_names,!) (TASK=instance_segmentation: $(call detector_names,));  ROI=align | pool"
+	@echo "  PRETRAINED=        imagenet (the backbone's published weights; make backbones marks them), a URL or a local file"
 	@echo "  K=$(K)                number of folds for make cv (each fold in turn is the test set)"
-	@echo "  NAME=              backbone name(s) for make check-backbone and make summary"
+	@echo "  NAME=              backbone name(s) for make check-backbone, make summary and make weights"
 	@echo "  INPUT=             folder of images for make predict"
 	@echo "  ARGS=              passed to the CLI as they are, e.g. ARGS='--model.lr 0.01'"
 	@echo "  TEST_JOBS=$(TEST_JOBS)        pytest processes for make test (pytest-xdist); PYTEST_ARGS= adds pytest options"
@@ -115,8 +118,12 @@ resume: $(STAMP) ## continue an interrupted run from its folder alone (RUN=...)
 	@test -n "$(RUN)" || { echo "error: make resume needs RUN=<run name>; see ls runs/" >&2; exit 2; }
 	$(PY) -m cvtasks resume $(RUN) $(ARGS)
 
-backbones: $(STAMP) ## list registered backbones: family, params, GFLOPs at 224, strides/channels, reference (PATTERN=...)
+backbones: $(STAMP) ## list registered backbones: family, params, GFLOPs at 224, strides/channels, reference, published weights (PATTERN=...)
 	$(PY) -m cvtasks backbones $(PATTERN) $(ARGS)
+
+weights: $(STAMP) ## fetch published weights into the cache ahead of time, for machines without internet (NAME=resnet18 ...)
+	@test -n "$(NAME)" || { echo "error: make weights needs NAME=<backbone>; make backbones marks the names with published weights" >&2; exit 2; }
+	$(PY) -m cvtasks weights $(NAME) $(ARGS)
 
 summary: $(STAMP) ## the anatomy of a net, layer by layer: output, params, mult-adds, stride, receptive field (NAME=... [IMG=224])
 	@test -n "$(NAME)" || { echo "error: make summary needs NAME=<backbone>; see make backbones" >&2; exit 2; }

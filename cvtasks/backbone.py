@@ -7,13 +7,14 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, NamedTuple, Sequence
+from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
 from .layers import SUPPORTED_OUTPUT_STRIDES, check_input_side
 from .registry import get_backbone_entry, list_backbones
+from .weights import backbone_weights, read_weights_file
 
 __all__ = [
     "FeatureInfo",
@@ -198,17 +199,14 @@ def backbone_normalization(name: str | None) -> Normalization:
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
-    """Read a state_dict saved with torch.save (bare, or under 'state_dict'/'model'/'module')."""
+    """Read a state_dict saved with torch.save (bare, or under 'state_dict'/'model'/'module') or as safetensors."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(
             f"pretrained weights file {str(p)!r} does not exist; pass a local file holding the "
             f"reference model's state_dict (torch.save(model.state_dict(), path))"
         )
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read pretrained weights from {str(p)!r}: {exc}") from exc
+    obj: Any = read_weights_file(p)
     for key in ("state_dict", "model", "module"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
@@ -220,6 +218,17 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         if keys and all(k.startswith(prefix) for k in keys):
             obj = {k[len(prefix) :]: v for k, v in obj.items()}
     return dict(obj)
+
+
+#: a state_dict, or the path of a file holding one
+WeightsSource = Union[str, os.PathLike, Mapping[str, Tensor]]
+
+
+def _state_dict_of(source: WeightsSource) -> tuple[dict[str, Tensor], str]:
+    """The state_dict ``source`` is or holds, and how to name it in messages."""
+    if isinstance(source, Mapping):
+        return dict(source), "the given state_dict"
+    return load_state_dict_file(source), str(source)
 
 
 def adapt_input_conv(weight: Tensor, in_chans: int) -> Tensor:
@@ -314,9 +323,9 @@ class Backbone(nn.Module):
         """Fit a state_dict in our layout to this instance (e.g. ViT resizes its position embedding)."""
         return state_dict
 
-    def load_pretrained(self, path: str | os.PathLike) -> None:
-        """Load a local file holding the reference implementation's state_dict into this backbone."""
-        raw = load_state_dict_file(path)
+    def load_pretrained(self, source: WeightsSource) -> None:
+        """Load the reference implementation's state_dict (or ours), or a local file holding one, into this backbone."""
+        raw, path = _state_dict_of(source)
         own = self.state_dict()
         if set(raw) == set(own) or all(k.startswith("backbone.") for k in raw):
             # already our layout: a backbone's own state_dict, or a Classifier's
@@ -420,9 +429,9 @@ class Classifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone.forward_head_features(x))
 
-    def load_pretrained(self, path: str | os.PathLike, with_head: bool = True) -> None:
-        """Load the reference's full state_dict; the head only if ``with_head`` and shapes agree."""
-        raw = load_state_dict_file(path)
+    def load_pretrained(self, source: WeightsSource, with_head: bool = True) -> None:
+        """Load the reference's full state_dict (or a file holding it); the head only if ``with_head`` and shapes agree."""
+        raw, path = _state_dict_of(source)
         own = self.state_dict()
         ours = all(k.startswith(("backbone.", "head.")) for k in raw)
         sd = dict(raw) if ours else type(self.backbone).remap_state_dict(raw)
@@ -456,5 +465,5 @@ def create_classifier(
     head = backbone.build_head(num_classes) if dropout is None else backbone.build_head(num_classes, dropout=dropout)
     model = Classifier(backbone, head)
     if pretrained is not None:
-        model.load_pretrained(pretrained)
+        model.load_pretrained(backbone_weights(get_backbone_entry(name), pretrained))
     return model

@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import Backbone, create_classifier
+from .backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone, create_classifier
 from .registry import BackboneEntry, get_backbone_entry
+from .weights import IMAGENET, PublishedWeights, backbone_imagenet, torch_home
 
 __all__ = ["CheckReport", "check_backbone", "build_reference", "check_parity", "count_parameters"]
 
@@ -135,14 +136,17 @@ def _check_round_trip(entry: BackboneEntry, size: int) -> str:
     return None  # type: ignore[return-value]
 
 
-def build_reference(entry: BackboneEntry) -> nn.Module:
-    """The reference implementation named by ``entry.reference`` ('torchvision:NAME' or 'timm:NAME'), random weights."""
+def build_reference(entry: BackboneEntry, **overrides: Any) -> nn.Module:
+    """The reference implementation named by ``entry.reference`` ('torchvision:NAME' or 'timm:NAME'), random weights.
+
+    ``overrides`` change the keywords the plugin declares for its reference (``reference_kwargs``).
+    """
     ref = entry.reference
     if ":" not in ref:
         raise _Skip(f"no reference implementation declared ({ref or 'none'})")
     source, name = ref.split(":", 1)
     probe_cls = entry.builder if isinstance(entry.builder, type) else None
-    kwargs: dict[str, Any] = dict(getattr(probe_cls, "reference_kwargs", {}) or {})
+    kwargs: dict[str, Any] = {**(getattr(probe_cls, "reference_kwargs", {}) or {}), **overrides}
     if source == "torchvision":
         tv = importlib.import_module("torchvision.models")
         return tv.get_model(name, weights=None, **kwargs)
@@ -152,34 +156,74 @@ def build_reference(entry: BackboneEntry) -> nn.Module:
     raise _Skip(f"unknown reference source {source!r}")
 
 
-def check_parity(name: str, size: int | None = None, rtol: float = 1e-4) -> str:
-    """Reference with random weights -> state_dict file -> ours: same logits and parameter count."""
-    entry = get_backbone_entry(name)
-    torch.manual_seed(0)
-    ref = build_reference(entry).eval()
-    # some references zero-initialise their last layer (ViT): random weights there make logits informative
+#: keywords torchvision's builders add when they load published weights: the seed state_dict needs the same keys
+_WEIGHTS_LAYOUT_KWARGS: dict[str, dict[str, Any]] = {
+    "googlenet": {"aux_logits": True, "transform_input": True, "init_weights": False},
+    "inception_v3": {"aux_logits": True, "transform_input": True, "init_weights": False},
+}
+
+
+def _informative(ref: nn.Module) -> nn.Module:
+    """``ref`` with its last linear layer drawn at random: some references zero-initialise it (ViT)."""
     last = [m for m in ref.modules() if isinstance(m, nn.Linear)]
     if last:
         nn.init.normal_(last[-1].weight, std=0.02)
+    return ref
+
+
+def _reference_normalization(published: PublishedWeights) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The mean/std the reference's own preprocessing applies (torchvision's transforms, timm's config)."""
+    source, name = published.reference.split(":", 1)
+    if source == "torchvision":
+        preset = importlib.import_module("torchvision.models").get_model_weights(name).DEFAULT.transforms()
+        return tuple(preset.mean), tuple(preset.std)
+    return published.mean, published.std
+
+
+def _normalise(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    return (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+
+
+def check_parity(name: str, size: int | None = None, rtol: float = 1e-4) -> str:
+    """Reference with random weights -> ours: same logits and parameter count on the same images.
+
+    Where the net has published ImageNet weights, the random weights take their path: saved in a
+    fresh cache under the published file's name, read back by the reference's own library and by
+    ``pretrained='imagenet'``, each model fed the images normalised as its weights expect. Else
+    they go through a state_dict file (``pretrained=<path>``).
+    """
+    entry = get_backbone_entry(name)
+    published = backbone_imagenet(entry)
     size = size or getattr(entry.builder, "parity_size", None) or _input_size(entry)
+    torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "reference.pt"
-        torch.save(ref.state_dict(), path)
-        num_classes = num_classes_of(ref)
-        ours = create_classifier(name, num_classes=num_classes, pretrained=str(path)).eval()
+        if published is None:
+            ref = _informative(build_reference(entry)).eval()
+            path = Path(tmp) / "reference.pt"
+            torch.save(ref.state_dict(), path)
+            ours = create_classifier(name, num_classes=num_classes_of(ref), pretrained=str(path)).eval()
+            ref_norm = our_norm = (IMAGENET_MEAN, IMAGENET_STD)  # the same inputs for both
+        else:
+            with torch_home(tmp):
+                seed_kwargs = _WEIGHTS_LAYOUT_KWARGS.get(published.reference.split(":", 1)[1], {})
+                published.put(_informative(build_reference(entry, **seed_kwargs)).state_dict())
+                ref = published.load_reference()
+                ours = create_classifier(name, num_classes=num_classes_of(ref), pretrained=IMAGENET).eval()
+            ref_norm, our_norm = _reference_normalization(published), tuple(ours.backbone.spec.normalization)
     n_ref, n_ours = count_parameters(ref), count_parameters(ours)
     if n_ref != n_ours:
         raise AssertionError(f"parameter count {n_ours:,} differs from the reference's {n_ref:,}")
-    x = torch.randn(2, 3, size, size)
+    x = torch.rand(2, 3, size, size)
     with torch.no_grad():
-        a, b = ref(x), ours(x)
+        a, b = ref(_normalise(x, *ref_norm)), ours(_normalise(x, *our_norm))
     if isinstance(a, tuple):  # torchvision's aux-logit outputs
         a = a[0]
     scale = a.abs().max().clamp_min(1e-6)
     err = ((a - b).abs().max() / scale).item()
     if err > rtol:
         raise AssertionError(f"logits differ from the reference: max relative error {err:.2e} > {rtol:.0e}")
-    return f"ok ({n_ours:,} parameters, max rel. error {err:.1e})"
+    route = "published-weights cache, 'imagenet'" if published else "state_dict file"
+    return f"ok ({n_ours:,} parameters, max rel. error {err:.1e}, through the {route})"
 
 
 def num_classes_of(model: nn.Module) -> int:

@@ -83,8 +83,8 @@ class BackboneEntry:
     def build(self, **kwargs: Any) -> Any:
         """Build the backbone with the entry's defaults overridden by ``kwargs``.
 
-        ``pretrained`` (a local file holding the reference's state_dict) is loaded here, after
-        the build, so that plugins need not handle it themselves.
+        ``pretrained`` (``imagenet``, a URL, or a local file holding the reference's state_dict; see
+        cvtasks.weights) is loaded here, after the build, so that plugins need not handle it themselves.
         """
         pretrained = kwargs.pop("pretrained", None)
         model = self.builder(**{**self.defaults, **kwargs})
@@ -92,7 +92,9 @@ class BackboneEntry:
             # the class checked and recorded its own spec; the registration adds what this variant changes
             object.__setattr__(model, "spec", replace(model.spec, **self.spec_fields))
         if pretrained:
-            model.load_pretrained(pretrained)
+            from .weights import backbone_weights  # the registry is imported by everything; weights on demand
+
+            model.load_pretrained(backbone_weights(self, pretrained))
         return model
 
 

@@ -8,6 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .registry import get_backbone_entry, list_backbones
+from .weights import backbone_imagenet
 
 __all__ = ["measure_backbone", "backbone_table"]
 
@@ -31,11 +32,11 @@ def measure_backbone(name: str, size: int | None = None) -> dict[str, Any]:
 
 
 def backbone_table(pattern: str | None = None, size: str | int = 224, measure: bool = True) -> str:
-    """A fixed-width table of the registered backbones matching ``pattern``."""
+    """A fixed-width table of the registered backbones matching ``pattern``; ``weights`` names their published weights."""
     names = list_backbones(pattern)
     if not names:
         return f"no registered backbone matches {pattern!r}"
-    header = ["name", "family", "params (M)", "GFLOPs", "input", "features (name:channels@stride)", "reference"]
+    header = ["name", "family", "params (M)", "GFLOPs", "input", "features (name:channels@stride)", "reference", "weights"]
     rows: list[list[str]] = []
     for name in names:
         entry = get_backbone_entry(name)
@@ -51,7 +52,8 @@ def backbone_table(pattern: str | None = None, size: str | int = 224, measure: b
             model = entry.build()
             params, gflops = f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}", "-"
             feats = " ".join(f"{f.name}:{f.channels}@{f.stride}" for f in model.feature_info)
-        rows.append([name, entry.family, params, gflops, str(px), feats, entry.reference or "-"])
+        weights = "imagenet" if backbone_imagenet(entry) is not None else "-"
+        rows.append([name, entry.family, params, gflops, str(px), feats, entry.reference or "-", weights])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*header), fmt.format(*["-" * w for w in widths])]

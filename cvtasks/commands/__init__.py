@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "predict-run": "predict_run",
     "resume": "resume",
     "summary": "summary",
+    "weights": "weights",
 }
 
 
