@@ -144,3 +144,65 @@ def test_normalisation_follows_the_given_mean_and_std():
         ShapesDataModule(num_samples=6, std=(0.5, 0.0, 0.5))
     with pytest.raises(ValueError, match="mean must be three numbers"):
         ShapesDataModule(num_samples=6, mean=(0.5, 0.5))
+
+
+def test_alexnet_augmentation_crops_flips_and_adds_lighting_noise():
+    """The AlexNet preset: 256:224 rescale, random crops (shifts) and flips with PCA lighting in training, the centre crop in evaluation."""
+    from cvtasks.data.classification import classification_transform
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)  # shorter side 40 -> 64/56*40 at img_size 56
+    plain = dict(mean=(0, 0, 0), std=(1 / 255,) * 3)  # leaves pixel values as they are
+    evaluate = classification_transform(56, False, augmentation="alexnet", **plain)
+    a, b = evaluate(image), evaluate(image)
+    assert a.shape == (3, 56, 56) and torch.equal(a, b)  # evaluation is deterministic
+    # evaluation is the centre 56x56 of the 64x64 centre of the image rescaled to a shorter side of 64
+    import cv2
+
+    full = cv2.resize(image, (96, 64), interpolation=cv2.INTER_LINEAR)[:, 16:80]
+    assert torch.allclose(a, torch.from_numpy(full[4:60, 4:60]).permute(2, 0, 1).float(), atol=1)
+    train = classification_transform(56, True, augmentation="alexnet", **plain)
+    torch.manual_seed(0)
+    import random
+
+    random.seed(0)
+    crops = [train(image) for _ in range(8)]
+    assert all(c.shape == (3, 56, 56) for c in crops)
+    assert len({tuple(c.flatten()[:50].round().tolist()) for c in crops}) > 1  # the crop and flip vary
+    # each crop is a 56x56 window of the 64x64 centre, maybe mirrored, its colours shifted by the lighting noise
+    windows = [torch.from_numpy(full[i:i + 56, j:j + 56]).permute(2, 0, 1).float() for i in range(9) for j in range(9)]
+    windows += [w.flip(-1) for w in windows]
+    for c in crops:
+        # the noise adds one value per colour channel over the whole crop: some window, maybe mirrored, differs
+        # from the crop by a per-channel constant (pixels clipped at 0/255 aside)
+        def off_by_a_colour(w: torch.Tensor) -> float:
+            offsets = (c - w).flatten(1).median(dim=1).values.view(3, 1, 1)
+            return ((c - w - offsets).abs() <= 1.5).float().mean().item()
+
+        assert max(off_by_a_colour(w) for w in windows) > 0.95
+
+
+def test_pca_lighting_shifts_every_pixel_by_one_colour_along_imagenets_components():
+    from cvtasks.data.classification import PCALighting
+
+    grey = np.full((4, 5, 3), 0.5, np.float32)
+    light = PCALighting(alpha_std=0.1)
+    light.set_random_seed(0)
+    alphas = []
+    for _ in range(400):
+        shift = light(image=grey)["image"] - grey
+        assert np.allclose(shift, shift[0, 0], atol=1e-6)  # the same colour added to every pixel
+        # shift = V (alpha * lambda): solve for alpha
+        alphas.append(np.linalg.solve(PCALighting.EIGENVECTORS, shift[0, 0]) / PCALighting.EIGENVALUES)
+    alphas = np.array(alphas)
+    assert np.allclose(alphas.mean(axis=0), 0, atol=0.03) and np.allclose(alphas.std(axis=0), 0.1, atol=0.015)
+
+
+def test_augmentation_is_chosen_by_name(tmp_path):
+    dm = ShapesDataModule(num_samples=6, img_size=32, augmentation="alexnet")
+    dm.setup("fit")
+    assert dm._datasets["fit"][0][0].shape == (3, 32, 32)
+    with pytest.raises(ValueError, match=r"unknown augmentation 'alex'; choose one of \['alexnet', 'shapes'\]"):
+        ShapesDataModule(num_samples=6, augmentation="alex")
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        ImageFolderDataModule(root=str(_folder(tmp_path / "d")), augmentation="flip")
