@@ -24,6 +24,33 @@ OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULERS = ("cosine", "step", "none")
 
 
+def _compile_backend(value: bool | str) -> str | None:
+    """``--model.compile``: False/None for none, True for inductor, or a torch.compile backend's name."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return "inductor"
+    if isinstance(value, str):
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if value not in backends:
+            raise ValueError(f"unknown torch.compile backend {value!r}; use true (inductor) or one of {backends}")
+        return value
+    raise ValueError(f"compile must be true, false or a torch.compile backend name, got {value!r}")
+
+
+def _to_channels_last(batch: Any) -> Any:
+    """``batch`` with every 4-d floating tensor in it (at any depth of tuples, lists, dicts) in channels_last."""
+    if isinstance(batch, Tensor):
+        return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 and batch.is_floating_point() else batch
+    if isinstance(batch, dict):
+        return {k: _to_channels_last(v) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_channels_last(v) for v in batch)
+    return batch
+
+
 class BaseTask(LightningModule):
     """A LightningModule configured by names and numbers; subclasses build the model and metrics."""
 
@@ -51,6 +78,8 @@ class BaseTask(LightningModule):
         freeze_backbone_epochs: int = 0,
         backbone_lr_mult: float = 1.0,
         ema_decay: float | None = None,
+        channels_last: bool = False,
+        compile: bool | str = False,  # noqa: A002 - the switch's name on the command line: --model.compile
     ) -> None:
         super().__init__()
         if num_classes < 1:
@@ -88,6 +117,26 @@ class BaseTask(LightningModule):
         self.freeze_backbone_epochs = freeze_backbone_epochs
         self.backbone_lr_mult = backbone_lr_mult
         self.ema_decay = ema_decay
+        self.channels_last = bool(channels_last)
+        #: the torch.compile backend the backbone runs through (True: inductor), or None
+        self.compile_backend = _compile_backend(compile)
+
+    # -- speed switches (GPU-minded; they run on a CPU too) ------------------------------------
+    def setup(self, stage: str) -> None:
+        """Put the weights in channels_last and compile the backbone, as the switches ask (once per module)."""
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)  # 4-d weights only; the rest is unchanged
+        if self.compile_backend is not None and not getattr(self, "_backbone_compiled", False):
+            # the backbone holds nearly all of the compute in every task; Module.compile keeps the
+            # state_dict's keys, so checkpoints stay loadable without the switch
+            self.backbone_module().compile(backend=self.compile_backend)
+            self._backbone_compiled = True
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Image batches in channels_last when the switch is on (detection's lists are batched by the model)."""
+        if not self.channels_last:
+            return batch
+        return _to_channels_last(batch)
 
     # -- fine-tuning -------------------------------------------------------------------------
     def backbone_module(self) -> torch.nn.Module:
