@@ -206,3 +206,24 @@ def test_augmentation_is_chosen_by_name(tmp_path):
         ShapesDataModule(num_samples=6, augmentation="alex")
     with pytest.raises(ValueError, match="unknown augmentation"):
         ImageFolderDataModule(root=str(_folder(tmp_path / "d")), augmentation="flip")
+
+
+def test_num_workers_auto_leaves_one_cpu_per_device_to_training(monkeypatch):
+    from cvtasks.data import base
+
+    monkeypatch.setattr(base, "available_cpus", lambda: 16)
+    assert base.resolve_num_workers("auto") == 15  # one device: every CPU but the training process's
+    assert base.resolve_num_workers("auto", processes_per_machine=8) == 1
+    assert base.resolve_num_workers("auto", processes_per_machine=16) == 0  # no CPU left for a worker
+    assert base.resolve_num_workers(3, processes_per_machine=16) == 3  # a number is taken as given
+    monkeypatch.setattr(base, "available_cpus", lambda: 2)
+    dm = ShapesDataModule(num_samples=12, img_size=32, batch_size=4)
+    assert dm.num_workers == "auto"
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert loader.num_workers == 1 and loader.persistent_workers and not loader.pin_memory
+    x, _ = next(iter(loader))
+    assert x.shape == (4, 3, 32, 32)
+    for bad in (-1, "many", 1.5, True):
+        with pytest.raises(ValueError, match=r"num_workers must be 'auto' or a whole number"):
+            ShapesDataModule(num_samples=12, num_workers=bad)

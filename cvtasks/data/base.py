@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -123,6 +124,32 @@ def _predict_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"image": images, "path": [it["path"] for it in items], "orig_size": [it["orig_size"] for it in items]}
 
 
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, e.g. under SLURM or taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(num_workers: int | str, processes_per_machine: int = 1) -> int:
+    """Loader worker processes: a number as given, or ``auto``: the CPUs per device minus one, 0 where none is left.
+
+    ``auto`` is Lightning's suggestion (``suggested_max_num_workers``), except that it keeps no worker
+    where a device has one CPU: the training process then draws the batches itself.
+    """
+    if num_workers == "auto":
+        return max(0, available_cpus() // max(1, processes_per_machine) - 1)
+    return int(num_workers)
+
+
+def check_num_workers(num_workers: int | str) -> int | str:
+    """``num_workers`` if it is ``auto`` or a whole number >= 0, else a ValueError naming it."""
+    if num_workers == "auto" or (isinstance(num_workers, int) and not isinstance(num_workers, bool) and num_workers >= 0):
+        return num_workers
+    raise ValueError(f"num_workers must be 'auto' or a whole number >= 0 (0: batches drawn in the training process), got {num_workers!r}")
+
+
 class SplitDataModule(LightningDataModule):
     """Base of cvtasks' data modules: subclasses say how many items there are and build datasets.
 
@@ -137,7 +164,7 @@ class SplitDataModule(LightningDataModule):
         self,
         *,
         batch_size: int = 16,
-        num_workers: int = 0,
+        num_workers: int | str = "auto",
         img_size: int = 128,
         split: tuple[float, float, float] = (0.7, 0.15, 0.15),
         num_folds: int | None = None,
@@ -156,7 +183,8 @@ class SplitDataModule(LightningDataModule):
         if img_size < 16:
             raise ValueError(f"img_size must be at least 16 pixels, got {img_size}")
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        #: loader worker processes: a number or ``auto`` (resolved per loader: CPUs per device minus one)
+        self.num_workers = check_num_workers(num_workers)
         self.img_size = img_size
         self.split = tuple(split)
         self.num_folds = num_folds
@@ -219,14 +247,19 @@ class SplitDataModule(LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool, collate: Callable | None = None, evaluation: bool = False) -> DataLoader:
         sampler = self._evaluation_sampler(dataset) if evaluation else None
+        trainer = getattr(self, "trainer", None)
+        workers = resolve_num_workers(self.num_workers, trainer.num_devices if trainer is not None else 1)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle if sampler is None else False,
             sampler=sampler,
-            num_workers=self.num_workers,
+            num_workers=workers,
             collate_fn=collate or self.collate_fn,
-            persistent_workers=self.num_workers > 0,
+            # workers live as long as the loader: drawn scenes cached in them are reused by later epochs
+            persistent_workers=workers > 0,
+            # page-locked batches copy to a GPU asynchronously; on a CPU they would only cost memory
+            pin_memory=trainer is not None and trainer.strategy.root_device.type == "cuda",
             drop_last=False,
         )
 
