@@ -227,3 +227,43 @@ def test_num_workers_auto_leaves_one_cpu_per_device_to_training(monkeypatch):
     for bad in (-1, "many", 1.5, True):
         with pytest.raises(ValueError, match=r"num_workers must be 'auto' or a whole number"):
             ShapesDataModule(num_samples=12, num_workers=bad)
+
+
+def _three_shapes_datasets():
+    from cvtasks.data import ShapesSegmentationDataModule
+    from cvtasks.data.detection import ShapesDetectionDataModule
+
+    for dm in (ShapesDataModule(num_samples=12, img_size=32, num_workers=0),
+               ShapesSegmentationDataModule(num_samples=12, img_size=32, num_workers=0),
+               ShapesDetectionDataModule(num_samples=12, img_size=64, num_workers=0, with_masks=True)):
+        dm.setup("fit")
+        yield dm._datasets["fit"]
+
+
+def _image(item):
+    return item[0] if isinstance(item, tuple) else item["image"]
+
+
+def test_every_shapes_task_draws_each_scene_once_and_augments_it_every_epoch(monkeypatch):
+    import importlib
+
+    calls = []
+    for module in ("classification", "segmentation", "detection"):
+        mod = importlib.import_module(f"cvtasks.data.{module}")
+        real = mod.render_scene
+        monkeypatch.setattr(mod, "render_scene", lambda *a, _real=real, **k: calls.append(a[0]) or _real(*a, **k))
+    for ds in _three_shapes_datasets():
+        calls.clear()
+        epochs = [[_image(ds[i]) for i in range(len(ds))] for _ in range(3)]
+        assert sorted(calls) == sorted(ds.indices), type(ds).__name__  # drawn in the first epoch only
+        # augmentation still varies per epoch: some item differs between epochs
+        assert any(not torch.equal(a, b) for a, b in zip(epochs[0], epochs[1]) if a.shape == b.shape), type(ds).__name__
+
+
+def test_kept_scenes_are_not_changed_by_what_uses_them():
+    for ds in _three_shapes_datasets():
+        first = _image(ds[0]).clone()
+        _image(ds[0]).mul_(0)  # a consumer writing into the tensor it got
+        kept = ds.scene(0)[0] if hasattr(ds, "scene") else ds.sample(0).image
+        assert kept.any(), type(ds).__name__
+        assert first.shape == _image(ds[0]).shape

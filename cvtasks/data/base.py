@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -313,6 +313,33 @@ class UnpaddedDistributedSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
+T = TypeVar("T")
+
+
+class DrawnOnce(Generic[T]):
+    """Items made by ``draw(i)`` on first use and kept: a generated scene is a pure function of its index and seed.
+
+    So the first epoch draws, and later ones (augmentation still varies, applied after) cost a
+    dictionary lookup. Each loader worker keeps what it drew; persistent workers keep it across
+    epochs. Callers must not modify what they get.
+    """
+
+    def __init__(self, draw: Callable[[int], T]) -> None:
+        self._draw = draw
+        self._kept: dict[int, T] = {}
+
+    def __call__(self, i: int) -> T:
+        """Item ``i``, drawn now if it never was."""
+        item = self._kept.get(i)
+        if item is None:
+            item = self._kept[i] = self._draw(i)
+        return item
+
+    def __len__(self) -> int:
+        """How many items are kept."""
+        return len(self._kept)
 
 
 class GeneratedScenes:

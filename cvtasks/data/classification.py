@@ -12,7 +12,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..backbone import IMAGENET_MEAN, IMAGENET_STD
-from .base import IMAGE_EXTENSIONS, GeneratedScenes, SplitDataModule, normalise, read_image
+from .base import IMAGE_EXTENSIONS, DrawnOnce, GeneratedScenes, SplitDataModule, normalise, read_image
 from .shapes import SHAPE_NAMES, render_scene
 
 __all__ = ["AUGMENTATIONS", "PCALighting", "classification_transform", "ShapesDataModule", "ImageFolderDataModule"]
@@ -105,13 +105,19 @@ class _ShapesClassification(Dataset):
 
     def __init__(self, indices: list[int], size: int, seed: int, transform: Callable) -> None:
         self.indices, self.size, self.seed, self.transform = indices, size, seed, transform
+        self.scene: DrawnOnce[tuple[np.ndarray, int]] = DrawnOnce(self._draw)
+
+    def _draw(self, i: int) -> tuple[np.ndarray, int]:
+        """Image (H, W, 3) uint8 and kind of item i."""
+        scene = render_scene(self.indices[i], self.size, seed=self.seed, single=True)
+        return scene.image, scene.shapes[0].kind
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        scene = render_scene(self.indices[i], self.size, seed=self.seed, single=True)
-        return self.transform(scene.image), scene.shapes[0].kind
+        image, kind = self.scene(i)
+        return self.transform(image), kind
 
 
 class ShapesDataModule(GeneratedScenes, SplitDataModule):

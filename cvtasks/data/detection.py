@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .base import GeneratedScenes, SplitDataModule, read_image
+from .base import DrawnOnce, GeneratedScenes, SplitDataModule, read_image
 from .coco import CocoIndex, check_image_files, decode_segmentation, load_coco
 from .shapes import SHAPE_NAMES, render_scene
 
@@ -154,11 +154,13 @@ class _ShapesDetection(Dataset):
         self.indices, self.size, self.seed, self.train = indices, size, seed, train
         self.scene_args = scene_args
         self.min_object_pixels, self.with_masks, self.pipeline = min_object_pixels, with_masks, pipeline
+        #: scene ``indices[i]`` as arrays, before the transform (drawn once, then kept)
+        self.sample: DrawnOnce[DetectionSample] = DrawnOnce(self._draw)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def sample(self, i: int) -> DetectionSample:
+    def _draw(self, i: int) -> DetectionSample:
         """Scene ``indices[i]`` as arrays, before the transform."""
         idx = self.indices[i]
         scene = render_scene(idx, self.size, seed=self.seed, **self.scene_args)

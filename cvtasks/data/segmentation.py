@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..backbone import IMAGENET_MEAN, IMAGENET_STD
-from .base import IMAGE_EXTENSIONS, GeneratedScenes, SplitDataModule, read_image
+from .base import IMAGE_EXTENSIONS, DrawnOnce, GeneratedScenes, SplitDataModule, read_image
 from .shapes import SHAPE_NAMES, render_scene
 
 __all__ = [
@@ -141,21 +141,19 @@ def _to_sample(out: dict[str, np.ndarray], item_id: str) -> dict[str, Any]:
 
 
 class _ShapesSegmentation(Dataset):
-    """Scene i with its per-pixel kind labels (rendered once, then kept: rendering costs more than a step's share)."""
+    """Scene i with its per-pixel kind labels (drawn once, then kept)."""
 
     def __init__(self, indices: list[int], size: int, seed: int, scene_args: dict[str, Any], transform: A.Compose) -> None:
         self.indices, self.size, self.seed, self.scene_args, self.transform = indices, size, seed, scene_args, transform
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.scene: DrawnOnce[tuple[np.ndarray, np.ndarray]] = DrawnOnce(self._draw)
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def scene(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def _draw(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Image (H, W, 3) uint8 and mask (H, W) uint8 of item i."""
-        if i not in self._cache:
-            s = render_scene(self.indices[i], self.size, seed=self.seed, **self.scene_args)
-            self._cache[i] = (s.image, s.semantic_mask().astype(np.uint8))
-        return self._cache[i]
+        s = render_scene(self.indices[i], self.size, seed=self.seed, **self.scene_args)
+        return s.image, s.semantic_mask().astype(np.uint8)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image, mask = self.scene(i)
