@@ -1,20 +1,27 @@
 """`make bench`: both benchmarks in one run, each a ratio measured side by side.
 
-    python -m benchmarks [backbones|lightning] [their options]
+    python -m benchmarks [backbones|lightning|data] [their options]
+    python -m benchmarks throughput --device cuda      (not in the default run: it needs a GPU)
 """
 
 import sys
 
-from . import backbones, lightning_loop
+from . import backbones, data, lightning_loop, throughput
 
 
 def main() -> None:
     args = sys.argv[1:]
-    which = args[0] if args and args[0] in ("backbones", "lightning") else None
+    if args and args[0] == "throughput":
+        throughput.main(args[1:])
+        return
+    which = args[0] if args and args[0] in ("backbones", "lightning", "data") else None
     rest = args[1:] if which else args
     if which in (None, "lightning"):
         print("== Lightning epoch over a plain PyTorch loop")
         lightning_loop.main(rest if which else [])
+    if which in (None, "data"):
+        print("\n== the data path: loaders per core, step with the real loader over a fixed batch, folder vs torchvision")
+        data.main(rest if which else [])
     if which in (None, "backbones"):
         print("\n== native backbone over its reference, forward+backward")
         backbones.main(rest if which else [])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from benchmarks import backbone_docs, backbones, timing
 from cvtasks.summary import measure_backbone
@@ -102,3 +103,37 @@ def test_segmentation_ceiling_falls_with_the_stride():
     coarse, _ = ceiling(32, 8, scenes=4)
     finer, _ = ceiling(64, 8, scenes=4)  # same scenes, twice the pixels per shape
     assert coarse < finer < 1.0
+
+
+def test_data_benchmark_measures_each_loader_and_the_folder_pipelines(one_thread, tmp_path):
+    from benchmarks import data
+
+    out = data.main(["--tasks", "classification", "--samples", "24", "--folder-images", "8", "--folder-side", "48",
+                     "--folder-size", "32", "--repeats", "1", "--no-steps"])
+    rates = out["loaders"]["classification"]
+    assert rates["img_size"] == 64 and rates["first_epoch"] > 0 and rates["later_epochs"] > 0
+    assert out["folder"]["ratio"] == pytest.approx(out["folder"]["ours_ms"] / out["folder"]["torchvision_ms"])
+    # the two folder pipelines do the same work: same labels, same sizes, the same pictures (flips aside)
+    root = data.write_jpeg_folder(tmp_path / "jpegs", 4, 48)
+    ours, theirs = data._OurFolder(root, 32), data._TorchvisionFolder(root, 32)
+    for i in range(4):
+        (a, la), (b, lb) = ours[i], theirs[i]
+        assert la == lb and a.shape == b.shape == (3, 32, 32)
+        assert torch.allclose(a.mean(dim=(1, 2)), b.mean(dim=(1, 2)), atol=0.05)  # flip-invariant
+
+
+def test_step_ratio_times_a_real_loader_against_a_fixed_batch(one_thread, monkeypatch):
+    from benchmarks import data
+
+    real_default_data = data.default_data
+    monkeypatch.setattr(data, "default_data", lambda task, **kw: real_default_data(task, **{"num_samples": 40, **kw}))
+    real, fixed, workers = data.step_ratio("classification", steps=1, repeats=1)
+    assert real > 0 and fixed > 0 and workers >= 0
+
+
+def test_throughput_benchmark_runs_on_a_cpu(one_thread):
+    from benchmarks import throughput
+
+    out = throughput.main(["--device", "cpu", "--backbone", "_tinynet", "--size", "32", "--batch", "4", "--steps", "2",
+                           "--images", "16", "--workers", "0", "--precision", "32"])
+    assert out["real"] > 0 and out["fixed"] > 0 and out["device"] == "cpu"
