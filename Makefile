@@ -71,11 +71,14 @@ help: ## show this help: targets, then variables with their defaults
 	@echo "  PRECISION=         32-true | 16-mixed | bf16-mixed"
 	@echo "  LOGGER=$(LOGGER)         wandb | csv | tensorboard"
 	@echo "  RUN=               run name: the folder runs/<RUN>/ (default: task-backbone-time)"
-	@echo "  HEAD=              segmentation head: fcn32s | fcn16s | fcn8s | deeplabv3 | unpool (resets the config's head_kwargs)"
+	@echo "  HEAD=              segmentation head: fcn32s | fcn16s | fcn8s | fcn | deeplabv3 | unpool (resets the config's head_kwargs)"
 	@echo "  DETECTOR=          $(call detector_names,!) (TASK=instance_segmentation: $(call detector_names,));  ROI=align | pool"
-	@echo "  PRETRAINED=        imagenet (the backbone's published weights; make backbones marks them), a URL or a local file"
+	@echo "  PRETRAINED=        imagenet (the backbone's published weights; make backbones marks them), a URL or a local file;"
+	@echo "                     coco: torchvision's whole COCO detector (faster_rcnn mask_rcnn retinanet fcos on resnet50, ssd on vgg16),"
+	@echo "                     coco_voc: its FCN / DeepLabV3 on resnet50 with the 21 VOC labels (HEAD=fcn | deeplabv3)"
 	@echo "  K=$(K)                number of folds for make cv (each fold in turn is the test set)"
-	@echo "  NAME=              backbone name(s) for make check-backbone, make summary and make weights"
+	@echo "  NAME=              backbone name(s) for make check-backbone, make summary and make weights;"
+	@echo "                     make weights also takes task presets <detector or head>:<preset>, e.g. faster_rcnn:coco deeplabv3:coco_voc"
 	@echo "  INPUT=             folder of images for make predict"
 	@echo "  ARGS=              passed to the CLI as they are, e.g. ARGS='--model.lr 0.01'"
 	@echo "  TEST_JOBS=$(TEST_JOBS)        pytest processes for make test (pytest-xdist); PYTEST_ARGS= adds pytest options"
@@ -121,8 +124,8 @@ resume: $(STAMP) ## continue an interrupted run from its folder alone (RUN=...)
 backbones: $(STAMP) ## list registered backbones: family, params, GFLOPs at 224, strides/channels, reference, published weights (PATTERN=...)
 	$(PY) -m cvtasks backbones $(PATTERN) $(ARGS)
 
-weights: $(STAMP) ## fetch published weights into the cache ahead of time, for machines without internet (NAME=resnet18 ...)
-	@test -n "$(NAME)" || { echo "error: make weights needs NAME=<backbone>; make backbones marks the names with published weights" >&2; exit 2; }
+weights: $(STAMP) ## fetch published weights into the cache ahead of time, for machines without internet (NAME='resnet18 faster_rcnn:coco' ...)
+	@test -n "$(NAME)" || { echo "error: make weights needs NAME=<backbone> or <detector or head>:<preset> (e.g. faster_rcnn:coco); make backbones marks the backbones with published weights" >&2; exit 2; }
 	$(PY) -m cvtasks weights $(NAME) $(ARGS)
 
 summary: $(STAMP) ## the anatomy of a net, layer by layer: output, params, mult-adds, stride, receptive field (NAME=... [IMG=224])

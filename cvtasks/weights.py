@@ -204,8 +204,12 @@ class PublishedWeights:
         """Write ``state_dict`` into the cache as this file (checks and tests pre-fill a cache this way)."""
         return put_in_cache(self.file_name, state_dict)
 
-    def load_reference(self) -> nn.Module:
-        """The reference model with these weights, read from the cache (fetched first if needed), in eval mode."""
+    def load_reference(self, **builder_kwargs: Any) -> nn.Module:
+        """The reference model with these weights, read from the cache (fetched first if needed), in eval mode.
+
+        ``builder_kwargs`` go to torchvision's builder (a detector's ``min_size``, say: the task
+        presets' tests build the reference at their own small image size).
+        """
         path = self.fetch()
         source, name = self.reference.split(":", 1)
         try:
@@ -213,13 +217,13 @@ class PublishedWeights:
                 tv = importlib.import_module("torchvision.models")
                 # torchvision finds the file in the same cache under the same name and reads it without
                 # the network; its builder applies what the weights need (transform_input, key renames)
-                model = tv.get_model(name, weights="DEFAULT")
+                model = tv.get_model(name, weights="DEFAULT", **builder_kwargs)
                 if getattr(model, "AuxLogits", None) is not None:
                     # inception_v3 keeps its auxiliary classifier by default; it only helps training, as googlenet's
                     model.aux_logits, model.AuxLogits = False, None
             else:
                 timm = importlib.import_module("timm")
-                model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+                model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **builder_kwargs)
         except Exception as exc:
             raise ValueError(
                 f"cannot load the published weights of {self.reference} from {str(path)!r} "

@@ -243,3 +243,42 @@ def test_detector_names_come_from_the_table_everywhere() -> None:
     line = next(l for l in subprocess.run(["make", "-s", "help"], cwd=repo, capture_output=True, text=True,
                                           timeout=60).stdout.splitlines() if "DETECTOR=" in l)
     assert all(n in line for n in DETECTORS)
+
+
+def test_the_options_torchvisions_coco_detectors_need() -> None:
+    """P6 from C5, anchor sizes given outright, the box loss, frozen batch norm: what the COCO presets set."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    det = build_detector("retinanet", "_tinynet", K, min_size=S, neck_channels=16, p6_from="c5",
+                         anchor_sizes=[[8, 10], [16, 20], [32, 40], [64, 80], [128, 160]], box_loss="giou", frozen_bn_eps=0.0)
+    neck = det.model.backbone
+    assert neck.fpn.extra_blocks.p6.in_channels == 32 and not neck.fpn.extra_blocks.use_P5  # TinyNet's C5 is 32 wide
+    assert det.model.anchor_generator.sizes[1] == (16.0, 20.0) and det.model.head.regression_head._loss_type == "giou"
+    norms = [m for m in neck.body.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))]
+    assert norms and all(isinstance(m, FrozenBatchNorm2d) and m.eps == 0.0 for m in norms)
+    det.eval()
+    with torch.no_grad():
+        assert len(det([torch.rand(3, S, S)])) == 1
+    with pytest.raises(ValueError, match=r"unknown p6_from 'p4'; choose 'p5'.*or 'c5'"):
+        build_detector("fcos", "_tinynet", K, min_size=S, neck_channels=16, p6_from="p4")
+    with pytest.raises(ValueError, match=r"anchor_sizes gives 2 levels but the neck has 5"):
+        build_detector("retinanet", "_tinynet", K, min_size=S, neck_channels=16, anchor_sizes=[[8], [16]])
+    with pytest.raises(ValueError, match=r"unknown box_loss 'iou'; choose one of l1, smooth_l1, giou"):
+        build_detector("retinanet", "_tinynet", K, min_size=S, neck_channels=16, box_loss="iou")
+
+
+def test_ssd300_layout_is_the_papers_vgg16_and_refuses_what_it_cannot_take() -> None:
+    det = build_detector("ssd", "vgg16", K, min_size=300, layout="ssd300").eval()
+    neck = det.model.backbone
+    assert neck.out_channels == [512, 1024, 512, 256, 256, 256] and neck.fc6.dilation == (6, 6)
+    with torch.no_grad():
+        maps = neck(torch.rand(1, 3, 300, 300))
+    assert [m.shape[-1] for m in maps.values()] == [38, 19, 10, 5, 3, 1]  # pool3 rounds up: 75 -> 38
+    with pytest.raises(ValueError, match=r"layout 'ssd300' is made for 300x300 inputs.*--model.min_size 300"):
+        build_detector("ssd", "vgg16", K, min_size=128, layout="ssd300")
+    with pytest.raises(ValueError, match=r"needs backbone vgg16.*_TinyNet|needs backbone vgg16.*TinyNet"):
+        build_detector("ssd", "_tinynet", K, min_size=300, layout="ssd300")
+    with pytest.raises(ValueError, match=r"layout 'ssd300' fixes its levels.*drop strides and num_levels"):
+        build_detector("ssd", "vgg16", K, min_size=300, layout="ssd300", num_levels=4)
+    with pytest.raises(ValueError, match=r"unknown SSD layout 'ssd512'"):
+        build_detector("ssd", "_tinynet", K, min_size=S, layout="ssd512")

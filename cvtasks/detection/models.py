@@ -32,6 +32,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..backbone import Backbone
 from ..registry import create_backbone
@@ -53,6 +54,7 @@ __all__ = [
     "build_detector",
     "detector_keywords",
     "detector_names",
+    "freeze_batch_norm",
 ]
 
 
@@ -87,7 +89,7 @@ DETECTORS: dict[str, DetectorSpec] = {
 
 # what build_detector fills itself: never a detector_kwargs key
 _FILLED = frozenset({"backbone", "neck", "num_classes", "out_channels", "strides", "min_stride", "min_size",
-                     "max_size", "image_mean", "image_std", "roi"})
+                     "max_size", "image_mean", "image_std", "roi", "frozen_bn_eps"})
 
 
 def detector_names(masks: bool | None = None) -> tuple[str, ...]:
@@ -135,6 +137,23 @@ def _declared(fn: Callable[..., Any], offered: Mapping[str, Any]) -> dict[str, A
     """The ``offered`` values that ``fn`` declares a keyword for (roi for two-stage builders, say)."""
     params = inspect.signature(fn).parameters
     return {k: v for k, v in offered.items() if k in params}
+
+
+def freeze_batch_norm(module: nn.Module, eps: float) -> nn.Module:
+    """Replace every BatchNorm2d inside ``module`` by torchvision's FrozenBatchNorm2d (same statistics, ``eps``)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=eps)
+            if child.affine:
+                frozen.weight.copy_(child.weight.detach())
+                frozen.bias.copy_(child.bias.detach())
+            if child.running_mean is not None:
+                frozen.running_mean.copy_(child.running_mean)
+                frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batch_norm(child, eps)
+    return module
 
 
 class Detector(nn.Module):
@@ -202,6 +221,7 @@ def build_detector(
     min_stride: int | None = None,
     image_mean: Sequence[float] | None = None,
     image_std: Sequence[float] | None = None,
+    frozen_bn_eps: float | None = None,
     **detector_kwargs: Any,
 ) -> Detector:
     """Build detector ``name`` (see DETECTORS) on a registry backbone (a name or a built Backbone).
@@ -213,6 +233,10 @@ def build_detector(
     ``strides`` / ``min_stride`` pick the backbone levels (``min_stride`` defaults from DETECTORS).
     ``image_mean``/``image_std``: how the detector normalises its [0, 1] images; by default what
     the backbone's published weights expect (its spec), so pretrained weights see their own inputs.
+    ``frozen_bn_eps``: a number turns the backbone's BatchNorm layers into torchvision's
+    FrozenBatchNorm2d with that eps (statistics and affine fixed: torchvision's detectors fine-tune
+    so, as batches of a few large images give poor statistics; the COCO presets set it); None
+    keeps them trainable.
     ``detector_kwargs`` go to the detector's neck or builder, whichever declares them (e.g.
     ``anchor_scale``, ``aspect_ratios``, ``representation_size``/``mask_layers`` for the R-CNNs,
     ``num_levels`` for SSD) or on to the torchvision detector (``rpn_batch_size_per_image``,
@@ -229,7 +253,8 @@ def build_detector(
         takes = "; ".join(f"{where}: {', '.join(keys)}" for where, keys in groups if keys)
         raise ValueError(
             f"detector {name!r} takes no {unknown} (from --model.detector_kwargs); it takes ({takes}), besides "
-            f"build_detector's own roi, min_size, max_size, neck_channels, strides, min_stride, image_mean, image_std"
+            f"build_detector's own roi, min_size, max_size, neck_channels, strides, min_stride, image_mean, image_std, "
+            f"frozen_bn_eps"
         )
     if isinstance(backbone, str):
         body = create_backbone(backbone, pretrained=pretrained, **(backbone_kwargs or {}))
@@ -239,6 +264,8 @@ def build_detector(
         body = backbone
     if not getattr(body, "feature_info", None):
         raise ValueError(f"the backbone {type(body).__name__} declares no feature_info; detectors need its levels")
+    if frozen_bn_eps is not None:
+        freeze_batch_norm(body, float(frozen_bn_eps))
     image_mean = body.spec.mean if image_mean is None else image_mean
     image_std = body.spec.std if image_std is None else image_std
     neck = spec.neck(

@@ -23,11 +23,14 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 from ..backbone import Backbone, FeatureInfo
 from ..layers import group_norm_groups
 
-__all__ = ["EXTRA_LEVELS", "FeaturePyramidNeck", "SimplePyramid", "fpn_neck", "select_levels", "level_name"]
+__all__ = ["EXTRA_LEVELS", "P6_SOURCES", "FeaturePyramidNeck", "SimplePyramid", "fpn_neck", "select_levels", "level_name"]
 
 #: what goes on top of the pyramid: nothing, one max-pooled level (Faster/Mask R-CNN's "pool", used
 #: by the RPN only) or two strided convolutions P6, P7 (RetinaNet, FCOS)
 EXTRA_LEVELS = ("none", "maxpool", "p6p7")
+#: what P6 is computed from: the pyramid's P5 (FCOS, torchvision's RetinaNet v1) or the backbone's
+#: coarsest level C5 (the RetinaNet paper, and torchvision's RetinaNet v2)
+P6_SOURCES = ("p5", "c5")
 
 
 def level_name(stride: int) -> str:
@@ -65,14 +68,21 @@ def select_levels(
     return [by_stride[s] for s in chosen]
 
 
-def _extra_block(extra: str, channels: int) -> ExtraFPNBlock | None:
+def _extra_block(extra: str, channels: int, coarsest_channels: int, p6_from: str = "p5") -> ExtraFPNBlock | None:
     if extra not in EXTRA_LEVELS:
         raise ValueError(f"unknown extra pyramid levels {extra!r}; choose one of {EXTRA_LEVELS}")
+    if p6_from not in P6_SOURCES:
+        raise ValueError(
+            f"unknown p6_from {p6_from!r}; choose 'p5' (the pyramid's P5) or 'c5' (the backbone's coarsest level)"
+        )
     if extra == "maxpool":
         return LastLevelMaxPool()
     if extra == "p6p7":
-        # in == out channels makes torchvision's block start from P5, as RetinaNet v2 and FCOS do
-        return LastLevelP6P7(channels, channels)
+        block = LastLevelP6P7(coarsest_channels if p6_from == "c5" else channels, channels)
+        # torchvision infers the source from in == out channels; a backbone whose C5 is as wide as the
+        # pyramid would then read P5, so the choice is set, not inferred
+        block.use_P5 = p6_from == "p5"
+        return block
     return None
 
 
@@ -130,8 +140,8 @@ class FeaturePyramidNeck(nn.Module):
     """A registry backbone plus a feature pyramid: images in, an OrderedDict ``p<k>`` -> maps out.
 
     ``strides`` picks the backbone levels (default: every stride >= ``min_stride``); ``extra`` adds
-    the levels torchvision's detectors put on top (see EXTRA_LEVELS). ``out_channels`` is the width
-    of every output level, as torchvision's detectors read it.
+    the levels torchvision's detectors put on top (see EXTRA_LEVELS), P6 computed from ``p6_from``
+    (see P6_SOURCES). ``out_channels`` is the width of every output level, as torchvision's detectors read it.
     """
 
     def __init__(
@@ -142,6 +152,7 @@ class FeaturePyramidNeck(nn.Module):
         strides: Sequence[int] | None = None,
         min_stride: int = 4,
         extra: str = "maxpool",
+        p6_from: str = "p5",
     ) -> None:
         super().__init__()
         if out_channels < 1:
@@ -150,7 +161,7 @@ class FeaturePyramidNeck(nn.Module):
         self.out_channels = out_channels
         infos = select_levels(backbone.feature_info, strides, min_stride)
         self.in_levels = [f.name for f in infos]
-        block = _extra_block(extra, out_channels)
+        block = _extra_block(extra, out_channels, infos[-1].channels, p6_from)
         if len(infos) == 1:
             only = infos[0]
             self.simple: SimplePyramid | None = SimplePyramid(only.channels, out_channels, only.stride, min_stride)
@@ -195,5 +206,12 @@ def fpn_neck(extra: str) -> Callable[..., FeaturePyramidNeck]:
         """FeaturePyramidNeck on ``backbone`` with the table's ``extra`` levels."""
         return FeaturePyramidNeck(backbone, out_channels=out_channels, strides=strides, min_stride=min_stride, extra=extra)
 
-    build.__name__ = build.__qualname__ = f"fpn_neck_{extra}"
-    return build
+    def build_p6p7(backbone: Backbone, *, out_channels: int, strides: Sequence[int] | None, min_stride: int,
+                   p6_from: str = "p5") -> FeaturePyramidNeck:
+        """FeaturePyramidNeck on ``backbone`` with P6 (from ``p6_from``: p5 or c5) and P7 on top."""
+        return FeaturePyramidNeck(backbone, out_channels=out_channels, strides=strides, min_stride=min_stride,
+                                  extra=extra, p6_from=p6_from)
+
+    chosen = build_p6p7 if extra == "p6p7" else build
+    chosen.__name__ = chosen.__qualname__ = f"fpn_neck_{extra}"
+    return chosen

@@ -1,4 +1,4 @@
-"""Semantic segmentation heads on any registry backbone: FCN-32s/16s/8s, DeepLabV3, max-unpooling decoder.
+"""Semantic segmentation heads on any registry backbone: FCN-32s/16s/8s, torchvision's FCN, DeepLabV3, max-unpooling decoder.
 
 Every head is built from the backbone's declaration alone (``feature_info``: channels and strides),
 never from its name, and returns class scores at the input's size for any input size.
@@ -7,6 +7,9 @@ never from its name, and returns class scores at the input's size for any input 
   classifier's fc6/fc7 as convolutions on the coarsest level, class scores, transposed
   convolutions initialised to bilinear upsampling; FCN-16s/8s fuse the scores of the levels at
   half and a quarter of the coarsest stride (pool4 and pool3 on VGG).
+- FCN as torchvision builds it on a dilated ResNet (``fcn``, its ``fcn_resnet50``): one 3x3
+  conv-bn-relu to a quarter of the channels, dropout, 1x1 class scores, bilinear upsampling, on
+  the coarsest level at output stride 8; no skips.
 - DeepLabV3 (Chen et al., Rethinking Atrous Convolution for Semantic Image Segmentation, 2017):
   atrous spatial pyramid pooling with image pooling on the coarsest level of a dilated backbone.
 - Unpool (Badrinarayanan et al., SegNet, TPAMI 2017): the encoder's max-pool indices place the
@@ -32,6 +35,7 @@ __all__ = [
     "HeadSpec",
     "segmentation_head_spec",
     "FCNHead",
+    "DilatedFCNHead",
     "DeepLabV3Head",
     "ASPP",
     "UnpoolDecoder",
@@ -303,6 +307,33 @@ class AuxHead(nn.Module):
         return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+class DilatedFCNHead(AuxHead):
+    """FCN as torchvision's ``fcn_resnet50``: the auxiliary head's layers on the coarsest level of a dilated backbone.
+
+    A 3x3 conv-bn-relu to a quarter of the channels, dropout, 1x1 class scores, bilinear upsampling
+    to the input; the backbone runs at ``output_stride`` 8 (a backbone that does not dilate runs at
+    its own stride, with a warning).
+    """
+
+    backbone_request = BackboneRequest(output_stride=8)
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        num_classes: int,
+        *,
+        dropout: float = 0.1,
+        output_stride: int = 8,
+        backbone_name: str | None = None,
+    ) -> None:
+        del output_stride, backbone_name  # consumed by segmentation_backbone_kwargs; the built backbone's stride counts
+        super().__init__(backbone.feature_info[-1], num_classes, dropout)
+
+    def forward(self, feats: Mapping[str, Tensor], size: Sequence[int], pool_indices: PoolIndices | None = None) -> Tensor:
+        """Class scores (B, num_classes, *size)."""
+        return super().forward(feats, size)
+
+
 @dataclass(frozen=True)
 class HeadSpec:
     """A registered head name: its class, the fixed keywords of the variant, a one-line description, and
@@ -330,6 +361,9 @@ SEGMENTATION_HEADS: dict[str, HeadSpec] = {
     "fcn32s": HeadSpec(FCNHead, {"num_skips": 0}, "FCN-32s: scores of the coarsest level upsampled x32"),
     "fcn16s": HeadSpec(FCNHead, {"num_skips": 1}, "FCN-16s: fuses the scores at 1/2 the coarsest stride (pool4)"),
     "fcn8s": HeadSpec(FCNHead, {"num_skips": 2}, "FCN-8s: fuses the scores at 1/2 and 1/4 the coarsest stride (pool4, pool3)"),
+    "fcn": HeadSpec(DilatedFCNHead, {},
+                    "FCN as torchvision's fcn_resnet50: 3x3 conv-bn-relu, 1x1 scores on a dilated backbone (output stride 8)",
+                    DilatedFCNHead.backbone_request),
     # a backbone that does not dilate to 16 runs it at its own stride, with a warning (rates scaled to it)
     "deeplabv3": HeadSpec(DeepLabV3Head, {}, "DeepLabV3: ASPP with image pooling on a dilated backbone (output stride 16)",
                           BackboneRequest(output_stride=16)),
@@ -347,7 +381,7 @@ def segmentation_head_spec(name: str) -> HeadSpec:
 
 
 def build_segmentation_head(name: str, backbone: Backbone, num_classes: int, **kw: Any) -> nn.Module:
-    """The head ``name`` (fcn32s, fcn16s, fcn8s, deeplabv3, unpool) for a built backbone."""
+    """The head ``name`` (fcn32s, fcn16s, fcn8s, fcn, deeplabv3, unpool) for a built backbone."""
     spec = segmentation_head_spec(name)
     clash = sorted(set(kw) & set(spec.fixed))
     if clash:

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..detection.models import DETECTORS, build_detector, detector_names
 from ..metrics import UnevenMeanAveragePrecision
+from ..presets import task_preset
 from ..visualize import draw_instance_masks, to_uint8
 from ..writers import DetectionWriter
 from .base import BaseTask
@@ -41,9 +42,12 @@ class DetectionTask(BaseTask):
     lists them); this task takes those without masks. ``roi``: align (RoIAlign) or pool (RoIPool)
     for the two-stage detectors. ``min_size``/``max_size``: the detector's resize bounds (set to the
     data's image size so nothing is resized; the CLI does so where the config leaves them null).
-    ``neck_channels``: width of the feature pyramid.
+    ``neck_channels``: width of the feature pyramid (None: 128, or what a pretrained preset needs).
     ``detector_kwargs``: the detector's own keywords (``detector_keywords(detector)`` lists them:
     its neck's, its builder's, its torchvision class's); any other is a ValueError naming those.
+    ``pretrained``: ``coco`` loads torchvision's COCO detector of the same kind into the whole model
+    (``cvtasks.presets``: it fills the settings the weights need, and names any given otherwise);
+    anything else (``imagenet``, a URL, a file) goes to the backbone.
     ``draw_score_threshold``: the lowest score drawn on logged and predicted images.
     """
 
@@ -60,7 +64,7 @@ class DetectionTask(BaseTask):
         roi: str = "align",
         min_size: int | None = 128,
         max_size: int | None = None,
-        neck_channels: int = 128,
+        neck_channels: int | None = None,
         detector_kwargs: dict[str, Any] | None = None,
         draw_score_threshold: float = 0.5,
         **kwargs: Any,
@@ -78,11 +82,24 @@ class DetectionTask(BaseTask):
             raise ValueError(f"{type(self).__name__} needs min_size: the data's image size in pixels")
         self.draw_score_threshold = draw_score_threshold
         self.with_masks = "segm" in self.iou_types
+        preset = task_preset(self.pretrained, detector)
+        if preset is not None:
+            preset.check_backbone(self.backbone_name)
+            own = {"neck_channels": neck_channels, "roi": roi, "min_size": min_size}
+            settings = preset.configure({**own, **(detector_kwargs or {})}, own=list(own),
+                                        kwargs_flag="--model.detector_kwargs")
+            neck_channels, roi, min_size = (settings.pop(k, None) for k in own)
+            detector_kwargs = settings
+            # what was built, for a reload from a checkpoint (with pretrained=None: nothing fetched again)
+            self.hparams.update(neck_channels=neck_channels, detector_kwargs=detector_kwargs)
+            reference = preset.weights.state_dict()  # read before the build: a missing or corrupt file fails first
         self.model = build_detector(
             detector, self.backbone_name, self.num_classes, roi=roi, min_size=min_size, max_size=max_size,
-            backbone_kwargs=self.backbone_kwargs, pretrained=self.pretrained, neck_channels=neck_channels,
-            **(detector_kwargs or {}),
+            backbone_kwargs=self.backbone_kwargs, pretrained=None if preset else self.pretrained,
+            neck_channels=128 if neck_channels is None else neck_channels, **(detector_kwargs or {}),
         )
+        if preset is not None:
+            preset.load_into(self.model.model, self.num_classes, reference)
         iou_type: Any = self.iou_types[0] if len(self.iou_types) == 1 else self.iou_types
         # one metric object per evaluated stage (training mode yields losses, not detections)
         self.metrics = torch.nn.ModuleDict({

@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardInd
 from ..crf import DenseCRF
 from ..data.segmentation import IGNORE_INDEX
 from ..heads.segmentation import build_segmentation_model, segmentation_head_spec
+from ..presets import task_preset
 from ..visualize import denormalise
 from ..writers import SegmentationWriter
 from .base import BaseTask
@@ -68,7 +69,12 @@ class SemanticSegmentationTask(BaseTask):
         num_log_images: int = 4,
         **kwargs: Any,
     ) -> None:
-        """``head``: fcn32s, fcn16s, fcn8s, deeplabv3 or unpool; ``crf`` refines predictions (val, test, predict)."""
+        """``head``: fcn32s, fcn16s, fcn8s, fcn, deeplabv3 or unpool; ``crf`` refines predictions (val, test, predict).
+
+        ``pretrained``: ``coco_voc`` loads torchvision's FCN or DeepLabV3 on ResNet-50 trained on COCO
+        with the 21 VOC labels into the whole model (heads fcn, deeplabv3; ``cvtasks.presets``);
+        anything else (``imagenet``, a URL, a file) goes to the backbone.
+        """
         super().__init__(**kwargs)
         self.save_hyperparameters()
         segmentation_head_spec(head)  # an unknown name fails before the class weights are looked at
@@ -77,15 +83,24 @@ class SemanticSegmentationTask(BaseTask):
         if dice_weight < 0 or aux_loss_weight < 0:
             raise ValueError("dice_weight and aux_loss_weight must be non-negative")
         self.head_name = head.lower()
+        preset = task_preset(self.pretrained, self.head_name)
+        if preset is not None:
+            preset.check_backbone(self.backbone_name)
+            head_kwargs = preset.configure(dict(head_kwargs or {}), kwargs_flag="--model.head_kwargs")
+            # what was built, for a reload from a checkpoint (with pretrained=None: nothing fetched again)
+            self.hparams.update(head_kwargs=head_kwargs)
+            reference = preset.weights.state_dict()  # read before the build: a missing or corrupt file fails first
         self.model = build_segmentation_model(
             self.head_name,
             self.backbone_name,
             self.num_classes,
             backbone_kwargs=self.backbone_kwargs,
-            pretrained=self.pretrained,
+            pretrained=None if preset else self.pretrained,
             head_kwargs=head_kwargs,
             aux_head=aux_loss_weight > 0,
         )
+        if preset is not None:
+            preset.load_into(self.model, self.num_classes, reference)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weight", weight, persistent=False)
         self.dice_weight = dice_weight
