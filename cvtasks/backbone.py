@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .layers import SUPPORTED_OUTPUT_STRIDES, check_input_side
 from .registry import get_backbone_entry, list_backbones
-from .weights import backbone_weights, read_weights_file
+from .weights import backbone_weights, read_weights_file, weights_from_checkpoint
 
 __all__ = [
     "FeatureInfo",
@@ -464,6 +464,6 @@ def create_classifier(
     backbone = get_backbone_entry(name).build(**kwargs)
     head = backbone.build_head(num_classes) if dropout is None else backbone.build_head(num_classes, dropout=dropout)
     model = Classifier(backbone, head)
-    if pretrained is not None:
+    if pretrained is not None and not weights_from_checkpoint():
         model.load_pretrained(backbone_weights(get_backbone_entry(name), pretrained))
     return model

@@ -7,6 +7,7 @@ task's own prediction writer (``cvtasks/writers.py``).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +22,7 @@ from .data.base import SplitDataModule
 from .registry import get_backbone_entry
 from .runs import RunFolder, metrics_table, slug
 from .tasks.base import BaseTask
+from .weights import from_checkpoint
 
 __all__ = ["CvtasksCLI"]
 
@@ -92,6 +94,16 @@ class CvtasksCLI(LightningCLI):
         if subcommand and self.config[subcommand].get("config") and self.config[subcommand].get("ckpt_path"):
             self._held_ckpt_path = self.config[subcommand].ckpt_path
             self.config[subcommand].ckpt_path = None
+
+    def instantiate_classes(self) -> None:
+        """Build as Lightning does; with a checkpoint to restore, ``pretrained`` shapes the model but nothing is read.
+
+        validate/test/predict and a resumed fit take every weight from ``ckpt_path``, so they need
+        neither the published file nor the network (a run can be evaluated on a machine without the cache).
+        """
+        ckpt = self.config[self.subcommand].get("ckpt_path") if self.subcommand else None
+        with from_checkpoint() if ckpt else contextlib.nullcontext():
+            super().instantiate_classes()
 
     # -- before anything is built --------------------------------------------------------------
     def before_instantiate_classes(self) -> None:

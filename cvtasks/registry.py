@@ -92,9 +92,10 @@ class BackboneEntry:
             # the class checked and recorded its own spec; the registration adds what this variant changes
             object.__setattr__(model, "spec", replace(model.spec, **self.spec_fields))
         if pretrained:
-            from .weights import backbone_weights  # the registry is imported by everything; weights on demand
+            from .weights import backbone_weights, weights_from_checkpoint  # the registry is imported by everything
 
-            model.load_pretrained(backbone_weights(self, pretrained))
+            if not weights_from_checkpoint():
+                model.load_pretrained(backbone_weights(self, pretrained))
         return model
 
 

@@ -19,6 +19,7 @@ timm's checkpoint filters) apply here too.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import importlib
 import os
@@ -40,11 +41,13 @@ __all__ = [
     "WeightsUnavailableError",
     "cache_dir",
     "fetch",
+    "from_checkpoint",
     "imagenet_weights",
     "is_url",
     "put_in_cache",
     "read_weights_file",
     "torch_home",
+    "weights_from_checkpoint",
 ]
 
 #: the name that asks a backbone for its reference's published ImageNet weights
@@ -54,6 +57,28 @@ _HASH_IN_NAME = re.compile(r"-([a-f0-9]{6,})\.")
 #: torchvision's builders turn on ``transform_input`` with these nets' weights: the net re-normalises
 #: ImageNet-normalised inputs to mean = std = 0.5 itself, so what the weights expect is 0.5/0.5
 _TRANSFORM_INPUT = frozenset({"googlenet", "inception_v3"})
+
+
+_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar("weights_from_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def from_checkpoint() -> Iterator[None]:
+    """Models built in this block take their weights from a checkpoint: ``pretrained`` shapes them, nothing is read.
+
+    Evaluating, predicting with or resuming a run restores every weight from its checkpoint, so
+    the published file is neither needed (a machine without the cache can evaluate a run) nor read.
+    """
+    token = _FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _FROM_CHECKPOINT.reset(token)
+
+
+def weights_from_checkpoint() -> bool:
+    """True inside :func:`from_checkpoint`: build what ``pretrained`` names, load nothing."""
+    return _FROM_CHECKPOINT.get()
 
 
 class WeightsUnavailableError(RuntimeError):

@@ -152,3 +152,30 @@ def test_cache_dir_follows_torch_home(tmp_path: Path) -> None:
     with torch_home(tmp_path):
         assert cache_dir() == tmp_path / "hub" / "checkpoints"
     assert cache_dir() != tmp_path / "hub" / "checkpoints"
+
+
+def test_a_run_from_published_weights_is_evaluated_and_predicted_from_its_checkpoint_alone(tmp_path: Path, workdir: Path) -> None:
+    """evaluate / predict-run restore every weight from the checkpoint: the published file is not read again."""
+    from conftest import run_cli
+
+    with torch_home(tmp_path / "torch"):
+        published = imagenet_weights("torchvision:resnet18")
+        published.put(_resnet18_reference().state_dict())
+    env = {"TORCH_HOME": str(tmp_path / "torch")}
+    fit = run_cli(["fit", "--config", "configs/classification.yaml", "--config", "configs/logger/csv.yaml",
+                   "--model.backbone", "resnet18", "--model.pretrained", "imagenet", "--data.num_samples", "15",
+                   "--data.img_size", "32", "--data.batch_size", "5", "--data.num_workers", "0",
+                   "--trainer.max_epochs", "1", "--run_name", "tuned"], workdir, env=env)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    # any read of the published file now fails loudly ("corrupt"): evaluating must not need it
+    (tmp_path / "torch" / "hub" / "checkpoints" / published.file_name).write_bytes(b"gone")
+    evaluate = run_cli(["evaluate", "tuned"], workdir, env=env)
+    assert evaluate.returncode == 0, evaluate.stderr[-2000:]
+    assert (workdir / "runs" / "tuned" / "test_metrics.json").is_file()
+    images = workdir / "images"
+    images.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(images / "red.png")
+    predict = run_cli(["predict-run", "tuned", str(images)], workdir, env=env)
+    assert predict.returncode == 0, predict.stderr[-2000:]

@@ -23,6 +23,7 @@ from torch import Tensor
 from ..detection.models import DETECTORS, build_detector, detector_names
 from ..metrics import UnevenMeanAveragePrecision
 from ..presets import task_preset
+from ..weights import weights_from_checkpoint
 from ..visualize import draw_instance_masks, to_uint8
 from ..writers import DetectionWriter
 from .base import BaseTask
@@ -92,13 +93,15 @@ class DetectionTask(BaseTask):
             detector_kwargs = settings
             # what was built, for a reload from a checkpoint (with pretrained=None: nothing fetched again)
             self.hparams.update(neck_channels=neck_channels, detector_kwargs=detector_kwargs)
-            reference = preset.weights.state_dict()  # read before the build: a missing or corrupt file fails first
+            # read before the build, so that a missing or corrupt file fails first; not at all where a
+            # checkpoint supplies the weights (evaluate, predict, resume)
+            reference = None if weights_from_checkpoint() else preset.weights.state_dict()
         self.model = build_detector(
             detector, self.backbone_name, self.num_classes, roi=roi, min_size=min_size, max_size=max_size,
             backbone_kwargs=self.backbone_kwargs, pretrained=None if preset else self.pretrained,
             neck_channels=128 if neck_channels is None else neck_channels, **(detector_kwargs or {}),
         )
-        if preset is not None:
+        if preset is not None and reference is not None:
             preset.load_into(self.model.model, self.num_classes, reference)
         iou_type: Any = self.iou_types[0] if len(self.iou_types) == 1 else self.iou_types
         # one metric object per evaluated stage (training mode yields losses, not detections)

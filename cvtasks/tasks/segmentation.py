@@ -16,6 +16,7 @@ from ..crf import DenseCRF
 from ..data.segmentation import IGNORE_INDEX
 from ..heads.segmentation import build_segmentation_model, segmentation_head_spec
 from ..presets import task_preset
+from ..weights import weights_from_checkpoint
 from ..visualize import denormalise
 from ..writers import SegmentationWriter
 from .base import BaseTask
@@ -89,7 +90,9 @@ class SemanticSegmentationTask(BaseTask):
             head_kwargs = preset.configure(dict(head_kwargs or {}), kwargs_flag="--model.head_kwargs")
             # what was built, for a reload from a checkpoint (with pretrained=None: nothing fetched again)
             self.hparams.update(head_kwargs=head_kwargs)
-            reference = preset.weights.state_dict()  # read before the build: a missing or corrupt file fails first
+            # read before the build, so that a missing or corrupt file fails first; not at all where a
+            # checkpoint supplies the weights (evaluate, predict, resume)
+            reference = None if weights_from_checkpoint() else preset.weights.state_dict()
         self.model = build_segmentation_model(
             self.head_name,
             self.backbone_name,
@@ -99,7 +102,7 @@ class SemanticSegmentationTask(BaseTask):
             head_kwargs=head_kwargs,
             aux_head=aux_loss_weight > 0,
         )
-        if preset is not None:
+        if preset is not None and reference is not None:
             preset.load_into(self.model, self.num_classes, reference)
         weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
         self.register_buffer("class_weight", weight, persistent=False)
