@@ -121,8 +121,8 @@ def fit_or_resume(run: RunFolder, fit_args: list[str], label: str, env: Mapping[
 
 def _run_fold(cv: RunFolder, fold: int, k: int, fit_args: list[str]) -> int:
     """Train fold ``fold`` (or continue it from last.ckpt); returns the exit status."""
-    return fit_or_resume(fold_run(cv, fold), [*fit_args, "--data.num_folds", str(k), "--data.fold", str(fold), "--group", cv.name],
-                         f"fold {fold}")
+    fold_args = [*fit_args, "--data.num_folds", str(k), "--data.fold", str(fold), "--group", cv.name]
+    return fit_or_resume(fold_run(cv, fold), fold_args, f"fold {fold}")
 
 
 def main(argv: list[str]) -> int:
