@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -149,6 +150,25 @@ def test_trial_pruning_stops_a_fit_worse_than_the_median(tmp_path: Path, monkeyp
     assert not epoch_end(good._trial_id, 0.875).should_stop
     monkeypatch.delenv(search.ENV_TRIAL)  # outside a search (a trial's run resumed by hand): inert
     assert not epoch_end(poor._trial_id, 0.0).should_stop
+
+
+def test_a_dead_trial_is_taken_again_with_its_values_and_its_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(search, "GRACE_S", 1)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study, storage = search.open_study("d", url, "maximize", seed=0)
+    dead = search.take_trial(study, 1, url, seed=0)
+    lr = dead.suggest_float("model.init_args.lr", 1e-4, 1e-1, log=True)
+    dead.set_user_attr("run", "d-trial0")
+    storage.record_heartbeat(dead._trial_id)
+    time.sleep(2.5)  # its process died: no heartbeat for longer than the grace period
+
+    again = search.take_trial(study, 1, url, seed=0)  # the budget of one is not used up by the dead trial
+    assert again is not None and again.number == 1 and study.get_trials()[0].state == TrialState.FAIL
+    assert again.user_attrs["run"] == "d-trial0"  # so its fit continues the dead one's run from last.ckpt
+    assert again.suggest_float("model.init_args.lr", 1e-4, 1e-1, log=True) == lr
+    study.tell(again, 0.5)
+    assert search.take_trial(study, 1, url, seed=0) is None
 
 
 def test_every_example_space_names_keys_of_its_tasks_config() -> None:

@@ -246,6 +246,13 @@ def _optuna_experimental() -> Iterator[None]:
         yield
 
 
+def _retry_callback() -> Any:
+    """Queues a dead trial again with its values and user_attrs (Optuna 4.9 renamed RetryFailedTrialCallback)."""
+    from optuna import storages
+
+    return getattr(storages, "RetryHeartbeatStaleTrialCallback", None) or storages.RetryFailedTrialCallback
+
+
 def make_pruner() -> Any:
     """Median pruning: stop a trial whose figure after an epoch is worse than the median of the others' there.
 
@@ -313,7 +320,7 @@ def check_storage(url: str) -> None:
 def open_study(name: str, url: str, direction: str, seed: int) -> tuple[Any, Any]:
     """The study ``name`` in ``url`` (created on first use) and its storage, with heartbeats for crash recovery."""
     import optuna
-    from optuna.storages import RDBStorage, RetryFailedTrialCallback
+    from optuna.storages import RDBStorage
 
     db = _sqlite_path(url)
     if db is not None:
@@ -323,7 +330,7 @@ def open_study(name: str, url: str, direction: str, seed: int) -> tuple[Any, Any
             url, engine_kwargs={"connect_args": {"timeout": 60}} if db is not None else None,
             heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
             # a trial whose process stopped beating is queued again with its values (and its run, in user_attrs)
-            heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=MAX_RETRY),
+            heartbeat_stale_trial_callback=_retry_callback()(max_retry=MAX_RETRY),
         )
         study = optuna.create_study(study_name=name, storage=storage, sampler=_sampler(seed), pruner=make_pruner(),
                                     direction=direction, load_if_exists=True)
@@ -332,10 +339,8 @@ def open_study(name: str, url: str, direction: str, seed: int) -> tuple[Any, Any
 
 def _counted(trials: list[Any]) -> list[Any]:
     """The trials that use up the budget: all but those run again after their process died, and places given back."""
-    from optuna.storages import RetryFailedTrialCallback
-
     with _optuna_experimental():
-        retried = {n for t in trials for n in RetryFailedTrialCallback.retry_history(t)}
+        retried = {n for t in trials for n in _retry_callback().retry_history(t)}
     return [t for t in trials if t.number not in retried and not t.user_attrs.get("surplus")]
 
 
@@ -351,7 +356,9 @@ def take_trial(study: Any, budget: int, url: str, seed: int) -> Any | None:
         waiting = any(t.state == TrialState.WAITING for t in trials)
         if not waiting and len(_counted(trials)) >= budget:
             return None
-        trial = study.ask()
+        with warnings.catch_warnings():  # Optuna expects heartbeats with Study.optimize; here run_trial beats them
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")
+            trial = study.ask()
     # seeded per trial number: reproducible alone, and processes sharing the study sample apart
     study.sampler = _sampler(trial_seed(seed, trial.number))
     counted = _counted(study.get_trials(deepcopy=False))
@@ -389,7 +396,6 @@ def _frozen(study: Any, number: int) -> Any:
 def run_trial(study: Any, storage: Any, url: str, trial: Any, space: list[Dimension], fit_args: list[str],
               search: RunFolder, monitor: str) -> None:
     """Train one trial as a normal run in its own process and tell the study how it went."""
-    from optuna.storages import RetryFailedTrialCallback
     from optuna.trial import TrialState
 
     params = {dim.key: dim.suggest(trial) for dim in space}
@@ -407,7 +413,7 @@ def run_trial(study: Any, storage: Any, url: str, trial: Any, space: list[Dimens
         # failed and queued again at once, so that the same command started again continues this run
         study.tell(trial, state=TrialState.FAIL)
         with _optuna_experimental():
-            RetryFailedTrialCallback(max_retry=MAX_RETRY)(study, _frozen(study, trial.number))
+            _retry_callback()(max_retry=MAX_RETRY)(study, _frozen(study, trial.number))
         print(f"\nsearch interrupted; run the same command again to continue (trial {trial.number} continues from "
               f"{run.last_checkpoint})", file=sys.stderr)
         raise
