@@ -20,7 +20,6 @@ from cvtasks.charts import plotly_figure
 from cvtasks.commands.compare import imagenet_chart, publish, runs_chart
 from cvtasks.registry import get_backbone_entry, list_backbones, register_backbone
 from cvtasks.runs import RunFolder
-from cvtasks.tasks.classification import ClassificationTask
 
 NUM_CLASSES, SIZE = 3, 32
 FIGURES = {"lenet5": 0.25, "_tinynet": 0.75}
@@ -31,14 +30,16 @@ def _write_run(runs_dir: Path, name: str, backbone: str, test_acc: float, task: 
     run = RunFolder.new(name, runs_dir)
     run.root.mkdir(parents=True)
     class_path = {"classification": "cvtasks.tasks.classification.ClassificationTask",
-                  "segmentation": "cvtasks.tasks.segmentation.SemanticSegmentationTask"}[task]
-    config = {"model": {"class_path": class_path, "init_args": {"backbone": backbone, "lr": 0.001}},
+                  "segmentation": "cvtasks.tasks.segmentation.SemanticSegmentationTask",
+                  "detection": "cvtasks.tasks.detection.DetectionTask"}[task]
+    task_args = {"min_size": SIZE, "max_size": SIZE} if task == "detection" else {}
+    config = {"model": {"class_path": class_path, "init_args": {"backbone": backbone, "lr": 0.001, **task_args}},
               "data": {"class_path": "cvtasks.data.classification.ShapesDataModule",
                        "init_args": {"img_size": SIZE, "num_samples": 30, "batch_size": 8}}}
     run.config_path.write_text(yaml.safe_dump(config))
-    run.write_metrics({"test/acc": test_acc, "val/acc": test_acc + 0.1, "test/loss": 1.0})
-    if task == "classification":
-        model = ClassificationTask(num_classes=NUM_CLASSES, backbone=backbone)
+    run.write_metrics({"test/acc": test_acc, "val/acc": test_acc + 0.1, "test/map": test_acc, "test/loss": 1.0})
+    if task != "segmentation":  # the segmentation run only needs to be refused beside the others
+        model = run.task_class()(num_classes=NUM_CLASSES, backbone=backbone, **task_args)
         run.checkpoints_dir.mkdir()
         torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
                     "pytorch-lightning_version": lightning.__version__}, run.best_checkpoint)
@@ -53,6 +54,7 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         _write_run(root, f"cls-{backbone}", backbone, acc)
     _write_run(root, "cls-lenet5-again", "lenet5", 0.5)
     _write_run(root, "seg-lenet5", "lenet5", 0.5, task="segmentation")
+    _write_run(root, "det-lenet5", "lenet5", 0.5, task="detection")
     return root
 
 
@@ -91,6 +93,17 @@ def test_runs_chart_charts_each_runs_headline_against_its_whole_models_cost(runs
     sizes = {label: size for trace in fig.data for label, size in zip(trace.text, trace.marker.size)}
     assert all(trace.marker.sizemode == "area" for trace in fig.data)
     assert sizes == {p.label: p.params for p in chart.points}
+
+
+def test_a_detection_run_is_charted_by_its_test_map_and_whole_detector(runs_dir: Path) -> None:
+    run = RunFolder.from_name("det-lenet5", runs_dir)
+    chart = runs_chart([run])
+    [point] = chart.points
+    detector = run.load_task()
+    assert chart.metric == "test/map" and point.value == 0.5  # the detection task's monitor (val/map), on test
+    whole, backbone = (sum(p.numel() for p in m.parameters()) for m in (detector, detector.backbone_module()))
+    assert point.params == whole > backbone  # neck and heads counted too
+    assert point.gflops > 0
 
 
 def test_runs_sharing_a_backbone_are_labelled_by_run(runs_dir: Path) -> None:
