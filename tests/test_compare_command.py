@@ -55,6 +55,8 @@ def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _write_run(root, "cls-lenet5-again", "lenet5", 0.5)
     _write_run(root, "seg-lenet5", "lenet5", 0.5, task="segmentation")
     _write_run(root, "det-lenet5", "lenet5", 0.5, task="detection")
+    (root / "cmp-old").mkdir()
+    (root / "cmp-old" / "train.json").write_text(json.dumps({"fit_args": ["--config", "c.yaml"], "backbones": ["lenet5"]}))
     return root
 
 
@@ -185,6 +187,8 @@ def test_compare_trains_each_backbone_as_a_run_then_charts_them(workdir: Path) -
     (["--train", "--backbones", "lenet5 vgg61", "--config", "configs/classification.yaml"], "unknown backbone 'vgg61'"),
     (["--train", "--backbones", "lenet5", "--config", "c.yaml", "--group", "g"], "compare sets --group for each backbone's run"),
     (["--reference", "imagenet", "--logger", "configs/logger/nope.yaml"], "no logger config 'configs/logger/nope.yaml'"),
+    (["--train", "--backbones", "lenet5", "--run_name", "cmp-old", "--config", "c.yaml", "--trainer.max_epochs", "3"],
+     "comparison 'cmp-old' trained its runs with the fit arguments '--config c.yaml'"),
 ])
 def test_compare_user_errors_name_the_input_and_the_fix(runs_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str], args: list[str], expected: str) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import time
 from collections import defaultdict
@@ -39,6 +40,8 @@ REFERENCES = ("imagenet",)
 #: data settings that may differ between runs on the same data (the input size shows in GFLOPs)
 DATA_SETTINGS_OF_NO_CONSEQUENCE = {"batch_size", "num_workers", "img_size", "predict_dir"}
 CHART_FILE = "compare.png"
+#: what --train trained the comparison's runs with: a later --train must use the same fit arguments
+TRAIN_FILE = "train.json"
 
 
 class RunStopped(RuntimeError):
@@ -200,6 +203,15 @@ def train_backbones(name: str, backbones: list[str], fit_args: list[str], runs_d
     check_backbone_flag(fit_args)
     for backbone in backbones:
         get_backbone_entry(backbone)  # every name checked before the first run starts
+    folder = RunFolder.new(name, runs_dir)
+    state_path = folder.root / TRAIN_FILE
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {"fit_args": fit_args, "backbones": []}
+    if state["fit_args"] != fit_args:  # kept runs trained otherwise would not be on the same footing
+        raise ValueError(f"comparison {name!r} trained its runs with the fit arguments {' '.join(state['fit_args'])!r}; "
+                         f"continue it with the same ones, or start another with a new RUN=")
+    state["backbones"] = [*state["backbones"], *(b for b in backbones if b not in state["backbones"])]
+    folder.root.mkdir(parents=True, exist_ok=True)
+    state_path.write_text(json.dumps(state, indent=2))
     runs = []
     for backbone in backbones:
         run = RunFolder.new(f"{name}-{slug(backbone)}", runs_dir)
