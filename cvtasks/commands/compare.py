@@ -1,7 +1,7 @@
 """The model-comparison chart: each net's task metric against its GFLOPs per image, circle area by parameters.
 
 Three sources of points, one chart:
-- runs (``RUN ...``): our own runs of one task; y is the task's headline figure from metrics.json
+- runs (``RUN [RUN ...]``): our own runs of one task; y is the task's headline figure from metrics.json
   (its monitored metric on the test split: test/acc, test/miou, test/map), x the whole model's
   multiply-adds per image at the run's input size, the area its parameter count;
 - ``--reference imagenet``: the registry's nets with published ImageNet figures, no training:
@@ -9,8 +9,8 @@ Three sources of points, one chart:
   else the top-1 quoted at registration (``published_top1``), with our GFLOPs and parameters at the
   net's input size, drawn hollow;
 - ``--train --backbones 'a b c' <fit arguments>``: one normal run per backbone (``<name>-<backbone>``,
-  W&B group ``<name>``; finished ones are kept, interrupted ones continue from last.ckpt), then the
-  chart of those runs.
+  W&B group ``<name>``; run again, finished ones are kept and interrupted ones continue from
+  last.ckpt, with the fit arguments kept in ``runs/<name>/train.json``), then the chart of those runs.
 
 Writes ``runs/<name>/compare.png`` with ``compare.md`` (the table) and ``compare.json`` beside it
 (``--out PATH.png`` writes the same three there too), prints the table and, with a W&B logger config
