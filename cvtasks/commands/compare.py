@@ -163,8 +163,10 @@ def _torchvision_point(name: str, family: str, reference: str) -> ChartPoint:
 
 def imagenet_chart() -> Chart:
     """The registry's nets with published ImageNet-1K top-1: torchvision's metadata, or the quote and our counts."""
+    import torch
+
+    from ..backbone import create_classifier
     from ..registry import get_backbone_entry, list_backbones
-    from ..summary import measure_backbone
 
     points, left_out = [], []
     for name in list_backbones():
@@ -173,9 +175,12 @@ def imagenet_chart() -> Chart:
         if entry.reference.startswith("torchvision:"):
             points.append(_torchvision_point(name, family, entry.reference.split(":", 1)[1]))
         elif entry.published_top1 is not None:
-            counted = measure_backbone(name)  # at the net's own input size, with its documented classifier
-            points.append(ChartPoint(label=name, family=family, value=float(entry.published_top1), gflops=counted["gflops"],
-                                     params=int(counted["params"]), input_size=int(counted["size"]), quoted=True,
+            # the net with its documented classifier, as `make backbones` counts it, at the net's own input size;
+            # on the meta device: shapes alone, no weights to fill and no arithmetic done
+            with torch.device("meta"):
+                gflops, params = count_model(create_classifier(name, num_classes=entry.num_classes).eval(), entry.input_size)
+            points.append(ChartPoint(label=name, family=family, value=float(entry.published_top1), gflops=gflops,
+                                     params=params, input_size=entry.input_size, quoted=True,
                                      source=f"registry's published_top1 ({entry.module})"))
         else:
             left_out.append(name)
