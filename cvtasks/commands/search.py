@@ -407,8 +407,12 @@ def run_trial(study: Any, storage: Any, url: str, trial: Any, space: list[Dimens
     env = {ENV_STORAGE: url, ENV_STUDY: study.study_name, ENV_TRIAL: str(trial._trial_id)}
     label = f"trial {trial.number} ({', '.join(f'{_short(k)}={_shown(v)}' for k, v in params.items())})"
     try:
-        with heartbeat(storage, trial._trial_id):
-            status = fit_or_resume(run, args, label, env)
+        if run.metrics_path.is_file():  # run again after its process died between the fit's end and the study's record
+            print(f"{label}: {run.name} had finished (metrics.json); its figures are taken", flush=True)
+            status = 0
+        else:
+            with heartbeat(storage, trial._trial_id):
+                status = fit_or_resume(run, args, label, env)
     except KeyboardInterrupt:
         # failed and queued again at once, so that the same command started again continues this run
         study.tell(trial, state=TrialState.FAIL)
