@@ -24,6 +24,14 @@ ROI        ?=
 PRETRAINED ?=
 NAME       ?=
 K          ?= 5
+RUNS       ?=
+REFERENCE  ?=
+TRAIN      ?=
+BACKBONES  ?=
+OUT        ?=
+TRIALS     ?= 20
+SPACE      ?=
+STORAGE    ?=
 INPUT      ?=
 PATTERN    ?=
 PYTEST_ARGS ?=
@@ -53,7 +61,7 @@ CLI_ARGS = --config configs/$(TASK).yaml \
 	$(if $(PRECISION),--trainer.precision $(PRECISION)) \
 	$(if $(RUN),--run_name $(RUN))
 
-.PHONY: help setup lock check-task train evaluate predict resume backbones weights summary cv check-backbone test test-fast bench docs clean
+.PHONY: help setup lock check-task train evaluate predict resume backbones weights summary cv compare search check-backbone test test-fast bench docs clean
 
 help: ## show this help: targets, then variables with their defaults
 	@echo "Targets:"
@@ -77,6 +85,13 @@ help: ## show this help: targets, then variables with their defaults
 	@echo "                     coco: torchvision's whole COCO detector (faster_rcnn mask_rcnn retinanet fcos on resnet50, ssd on vgg16),"
 	@echo "                     coco_voc: its FCN / DeepLabV3 on resnet50 with the 21 VOC labels (HEAD=fcn | deeplabv3)"
 	@echo "  K=$(K)                number of folds for make cv (each fold in turn is the test set)"
+	@echo "  RUNS=              runs of one task for make compare, e.g. RUNS='run-a run-b'"
+	@echo "  REFERENCE=         make compare REFERENCE=imagenet: the registry's nets from published ImageNet figures"
+	@echo "  TRAIN=1 BACKBONES= make compare: train each of BACKBONES='resnet18 mobilenet_v2 ...' on TASK first (RUN= to continue)"
+	@echo "  OUT=               make compare: also write the PNG (with its .md and .json) here, e.g. OUT=docs/compare.png"
+	@echo "  TRIALS=$(TRIALS)         make search: trials in all, over every process sharing the study"
+	@echo "  SPACE=             make search: the search space (default: configs/search/<TASK>.yaml)"
+	@echo "  STORAGE=           make search: the study's database, e.g. postgresql://user@host/db (default: runs/<RUN>/study.db)"
 	@echo "  NAME=              backbone name(s) for make check-backbone, make summary and make weights;"
 	@echo "                     make weights also takes task presets <detector or head>:<preset>, e.g. faster_rcnn:coco deeplabv3:coco_voc"
 	@echo "  INPUT=             folder of images for make predict"
@@ -108,6 +123,15 @@ train: $(STAMP) check-task ## train TASK with BACKBONE on DATA (default: the gen
 
 cv: $(STAMP) check-task ## k-fold cross-validation (K=5 TASK BACKBONE [DATA] [EPOCHS] [RUN]): a run per fold, mean ± std; again to continue
 	$(PY) -m cvtasks cv --folds $(K) $(CLI_ARGS) $(ARGS)
+
+compare: $(STAMP) check-task ## metric against GFLOPs, circle area by params, for RUNS='a b' | REFERENCE=imagenet | TRAIN=1 BACKBONES='a b'
+	$(PY) -m cvtasks compare $(RUNS) $(if $(REFERENCE),--reference $(REFERENCE)) $(if $(OUT),--out $(OUT)) \
+		$(if $(LOGGER),--logger configs/logger/$(LOGGER).yaml) $(if $(RUN),--run_name $(RUN)) \
+		$(if $(filter 1,$(TRAIN)),--train --backbones '$(BACKBONES)' $(CLI_ARGS)) $(ARGS)
+
+search: $(STAMP) check-task ## hyperparameter search with Optuna (TASK TRIALS=20 SPACE=... [STORAGE=...] [RUN]): a run per trial, best.yaml
+	$(PY) -m cvtasks search --trials $(TRIALS) --space $(or $(SPACE),configs/search/$(TASK).yaml) \
+		$(if $(STORAGE),--storage '$(STORAGE)') $(CLI_ARGS) $(ARGS)
 
 evaluate: $(STAMP) ## evaluate a run's best checkpoint on its test split (RUN=...); writes runs/<RUN>/test_metrics.json
 	@test -n "$(RUN)" || { echo "error: make evaluate needs RUN=<run name>; see ls runs/" >&2; exit 2; }

@@ -51,6 +51,8 @@ class BackboneEntry:
     reference: str = ""
     input_size: int = 224
     published_params: str = ""
+    #: ImageNet-1K top-1 accuracy (%) quoted where the reference's weights carry none (make compare REFERENCE=imagenet)
+    published_top1: float | None = None
     num_classes: int = 1000
     defaults: dict[str, Any] = field(default_factory=dict)
     module: str = ""
@@ -118,6 +120,7 @@ def register_backbone(
     min_input_size: int | None = None,
     spec: Mapping[str, Any] | None = None,
     published_params: str = "",
+    published_top1: float | None = None,
     num_classes: int = 1000,
     **defaults: Any,
 ) -> Callable[[T], T]:
@@ -129,6 +132,10 @@ def register_backbone(
     ``published_params`` quotes the paper's parameter count for nets without a ``reference``
     implementation to compare with (docs/backbones.md sets it beside ours); ``num_classes`` is the
     class count of the documented head (1000 for ImageNet nets, 10 for LeNet-5 and the CIFAR WRNs).
+    ``published_top1`` quotes the paper's (or its weights' documented) ImageNet-1K top-1 accuracy in
+    percent, with a comment citing the source, for ImageNet nets whose reference carries no such
+    figure (torchvision's weights do; timm's references and paper-only nets do not):
+    `make compare REFERENCE=imagenet` plots it, marked as quoted.
 
     A second registration under a taken name is an error, unless it is the very same
     builder being imported again (a module reloaded under the same name).
@@ -136,6 +143,9 @@ def register_backbone(
     if not name or not isinstance(name, str):
         raise ValueError(f"register_backbone needs a non-empty name, got {name!r}")
     spec_fields = _check_spec_fields(name, {**(spec or {}), **({} if min_input_size is None else {"min_input_size": min_input_size})})
+    if published_top1 is not None and not 0.0 < published_top1 <= 100.0:
+        raise ValueError(f"register_backbone({name!r}): published_top1 is a top-1 accuracy in percent (0, 100], "
+                         f"got {published_top1!r}")
 
     def decorator(obj: T) -> T:
         entry = BackboneEntry(
@@ -146,6 +156,7 @@ def register_backbone(
             reference=reference,
             input_size=input_size,
             published_params=published_params,
+            published_top1=published_top1,
             num_classes=num_classes,
             defaults=dict(defaults),
             module=getattr(obj, "__module__", ""),

@@ -471,10 +471,17 @@ _VARIANTS: dict[str, tuple[str, str, dict[str, Any], int]] = {
 # the CIFAR WRNs have no reference implementation; Zagoruyko & Komodakis give their sizes (Table 4)
 _PUBLISHED = {"wrn28_10": "36.5M (paper, Table 4)", "wrn40_4": "8.9M (paper, Table 4)"}
 
+# ImageNet top-1 (%) for the nets whose reference (timm's) carries none. SE nets: the SENet paper's
+# Table 2, single 224 crop (top-1 error 23.29% and 21.10%). Pre-activation ResNets: the paper reports
+# no 50- or 101-layer ImageNet figure, so timm's weights' documented ones (resnetv2_50.a1h_in1k and
+# resnetv2_101.a1h_in1k in timm's results/results-imagenet.csv, evaluated at 288 px)
+_PUBLISHED_TOP1 = {"seresnet50": 76.71, "seresnext50_32x4d": 78.90, "resnetv2_50": 81.4, "resnetv2_101": 83.0}
+
 # timm's ResNetV2 weights expect inputs in [-1, 1] (its pretrained_cfg); the others ImageNet's normalisation
 _SPEC_CHANGES = {"resnetv2": {"mean": INCEPTION_MEAN, "std": INCEPTION_STD}}
 
 for _name, (_family, _reference, _arch, _size) in _VARIANTS.items():
     register_backbone(_name, family=_family, paper=_PAPERS[_family], reference=_reference, input_size=_size,
                       spec=_SPEC_CHANGES.get(_family), published_params=_PUBLISHED.get(_name, ""),
-                      num_classes=10 if _name in _PUBLISHED else 1000, **_arch)(ResNet)
+                      published_top1=_PUBLISHED_TOP1.get(_name), num_classes=10 if _name in _PUBLISHED else 1000,
+                      **_arch)(ResNet)

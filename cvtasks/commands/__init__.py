@@ -16,10 +16,12 @@ __all__ = ["COMMANDS", "command_help", "run_command", "run_parser"]
 COMMANDS: dict[str, str] = {
     "backbones": "backbones",
     "check-backbone": "check_backbone",
+    "compare": "compare",
     "cv": "cv",
     "evaluate": "evaluate",
     "predict-run": "predict_run",
     "resume": "resume",
+    "search": "search",
     "summary": "summary",
     "weights": "weights",
 }

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 from ..runs import RunFolder, slug
 
@@ -17,7 +18,7 @@ OWN_FLAGS = ("--data.num_folds", "--data.fold", "--ckpt_path", "--group")
 CV_FILE = "cv.json"
 
 
-def _flag_value(args: list[str], flag: str) -> str | None:
+def flag_value(args: list[str], flag: str) -> str | None:
     """The last value given to ``flag`` in ``args`` (``--flag value`` or ``--flag=value``), or None."""
     value = None
     for i, a in enumerate(args):
@@ -77,34 +78,51 @@ def _settings(ns: argparse.Namespace, fit_args: list[str], cv: RunFolder) -> tup
     return ns.folds, fit_args
 
 
+def refuse_own_flags(fit_args: list[str], own_flags: Sequence[str], command: str, unit: str) -> None:
+    """A ValueError naming the flags of ``own_flags`` in ``fit_args``: ``command`` sets them for each ``unit`` itself."""
+    given = [f for f in own_flags if flag_value(fit_args, f) is not None]
+    if given:
+        raise ValueError(f"{command} sets {', '.join(given)} for each {unit} itself; drop {'it' if len(given) == 1 else 'them'} "
+                         f"from the arguments")
+
+
+def check_backbone_flag(fit_args: list[str]) -> None:
+    """An unknown ``--model.backbone`` stops here, naming the closest names, not after the first run has started."""
+    backbone = flag_value(fit_args, "--model.backbone")
+    if backbone:
+        from ..registry import get_backbone_entry
+
+        get_backbone_entry(backbone)
+
+
 def _check(k: int, fit_args: list[str]) -> None:
     """User errors, before any fold starts: too few folds, flags cv sets itself, an unknown backbone."""
     if k < 2:
         raise ValueError(f"K={k}: cross-validation needs at least 2 folds; use make cv K=5 (or --folds 5)")
-    given = [f for f in OWN_FLAGS if _flag_value(fit_args, f) is not None]
-    if given:
-        raise ValueError(f"cv sets {', '.join(given)} for each fold itself; drop {'it' if len(given) == 1 else 'them'} "
-                         f"from the arguments")
-    backbone = _flag_value(fit_args, "--model.backbone")
-    if backbone:
-        from ..registry import get_backbone_entry
+    refuse_own_flags(fit_args, OWN_FLAGS, "cv", "fold")
+    check_backbone_flag(fit_args)
 
-        get_backbone_entry(backbone)  # an unknown name stops here, naming the closest, not after K starts
+
+def fit_or_resume(run: RunFolder, fit_args: list[str], label: str, env: Mapping[str, str] | None = None) -> int:
+    """Train ``run`` in its own process with ``fit_args``, or continue it from its last.ckpt; returns the exit status.
+
+    A process per run, as `make train` would start it: its own W&B run, DDP launch and memory.
+    ``label`` names the run in the messages (``fold 2``); ``env`` is added to the process's environment.
+    """
+    runs_dir = str(run.runs_dir)
+    if run.last_checkpoint.is_file() and run.config_path.is_file():
+        print(f"{label}: continuing {run.name} from its last.ckpt", flush=True)
+        args = ["resume", run.name, "--runs_dir", runs_dir]
+    else:
+        print(f"{label}: training {run.name}", flush=True)
+        args = ["fit", *fit_args, "--run_name", run.name, "--runs_dir", runs_dir]
+    return subprocess.run([sys.executable, "-m", "cvtasks", *args], env={**os.environ, **(env or {})}).returncode
 
 
 def _run_fold(cv: RunFolder, fold: int, k: int, fit_args: list[str]) -> int:
-    """Train fold ``fold`` in its own process (or continue it from last.ckpt); returns the exit status."""
-    run = fold_run(cv, fold)
-    runs_dir = str(cv.runs_dir)
-    if run.last_checkpoint.is_file() and run.config_path.is_file():
-        print(f"fold {fold}: continuing {run.name} from its last.ckpt", flush=True)
-        args = ["resume", run.name, "--runs_dir", runs_dir]
-    else:
-        print(f"fold {fold}: training {run.name}", flush=True)
-        args = ["fit", *fit_args, "--data.num_folds", str(k), "--data.fold", str(fold),
-                "--run_name", run.name, "--runs_dir", runs_dir, "--group", cv.name]
-    # a process per fold, as `make train` would start it: its own W&B run, DDP launch and memory
-    return subprocess.run([sys.executable, "-m", "cvtasks", *args]).returncode
+    """Train fold ``fold`` (or continue it from last.ckpt); returns the exit status."""
+    fold_args = [*fit_args, "--data.num_folds", str(k), "--data.fold", str(fold), "--group", cv.name]
+    return fit_or_resume(fold_run(cv, fold), fold_args, f"fold {fold}")
 
 
 def main(argv: list[str]) -> int:
@@ -122,7 +140,7 @@ def main(argv: list[str]) -> int:
     if not name:
         if not fit_args:
             raise ValueError("give the fit arguments (make cv K=5 TASK=... BACKBONE=...) or the name of a cv run to continue")
-        name = f"cv{ns.folds}-{slug(_flag_value(fit_args, '--model.backbone') or 'default')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = f"cv{ns.folds}-{slug(flag_value(fit_args, '--model.backbone') or 'default')}-{time.strftime('%Y%m%d-%H%M%S')}"
     cv = RunFolder.new(name, ns.runs_dir)
     k, fit_args = _settings(ns, fit_args, cv)
     _check(k, fit_args)
