@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "check-backbone": "check_backbone",
     "cv": "cv",
     "evaluate": "evaluate",
+    "export": "export",
     "predict-run": "predict_run",
     "resume": "resume",
     "summary": "summary",
