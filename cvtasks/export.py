@@ -10,8 +10,9 @@ What is exported depends on the kind of task (``task_export(task)`` finds it by 
 What the data module does before (resize, mean/std) and the task after (softmax, argmax, a CRF,
 drawing) stays outside the file; the sidecar ``model.json`` spells it out for whoever calls it.
 
-Each format has exporters tried in order (``EXPORTERS``): ONNX by the dynamo-based exporter, then
-by the TorchScript-based one (``dynamo=False``, which takes torchvision's detectors); TorchScript by
+Each format has exporters tried in order (``EXPORTERS``; a kind may rank them otherwise): ONNX by
+``torch.export`` and the dynamo-based ONNX exporter, then by the TorchScript-based one
+(``dynamo=False``, which takes torchvision's detectors and is tried first for them); TorchScript by
 ``torch.jit.trace``; an ExportedProgram by ``torch.export``, then, where it cannot take the model
 (a detector's data-dependent shapes), a TorchScript file instead. An exporter's file counts only
 when it reproduces PyTorch on a validation batch, and again at batch 1 and, for the tasks that
@@ -35,7 +36,7 @@ import os
 import re
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -52,12 +53,14 @@ if TYPE_CHECKING:
 __all__ = [
     "EXPORTERS",
     "FORMATS",
+    "ExportError",
     "ExportedModel",
     "Tolerances",
     "Verdict",
     "build_datamodule",
     "check_parity",
     "export_model",
+    "exporters",
     "load_exported",
     "read_sidecar",
     "task_export",
@@ -116,6 +119,10 @@ class TaskExport:
     output_dims: dict[str, dict[int, str]] = {}
     #: predict feeds images at their own size, so a file fixed to one size is a limitation to state
     own_size: bool = False
+    #: exporter key -> rank, where this kind tries exporters in another order than EXPORTERS (lower first)
+    exporter_rank: dict[str, int] = {}
+    #: format -> why this kind's exporters of it are ordered as they are (said in model.json and report.json)
+    exporter_notes: dict[str, str] = {}
 
     def network(self, task: BaseTask) -> nn.Module:
         """The module written to the file: tensors in, a tuple of tensors out."""
@@ -197,7 +204,10 @@ class ClassificationExport(TaskExport):
     def compare(self, ref: Tensor, got: Tensor, tol: Tolerances) -> Verdict:
         diff = (got.float() - ref.float()).abs()
         allowed = tol.atol + tol.rtol * ref.float().abs()
-        excess = max((_over(float(d), float(a)) for d, a in zip(diff.reshape(-1), allowed.reshape(-1))), default=0.0)
+        # a zero tolerance means exact: any difference is infinitely over it
+        ratio = torch.where(allowed > 0, diff / allowed.clamp(min=torch.finfo(allowed.dtype).tiny),
+                            torch.where(diff > 0, math.inf, 0.0))
+        excess = float(ratio.max()) if ratio.numel() else 0.0
         worst = float(diff.max()) if diff.numel() else 0.0
         return Verdict(excess, f"max |logit difference| {worst:.3g} (allowed: atol {tol.atol:g} + rtol {tol.rtol:g} x |logit|)",
                        {"max_abs_logit_diff": worst, "n_samples": 1})
@@ -274,6 +284,11 @@ class DetectionExport(TaskExport):
     input_dims = {1: "height", 2: "width"}
     output_dims = {"boxes": {0: "detections"}, "labels": {0: "detections"}, "scores": {0: "detections"}}
     own_size = True
+    # torch.export cannot trace torchvision's detectors (top-k and NMS have data-dependent sizes) and can
+    # take a minute to find out (FCOS: 44 s for a 64 px model), so the exporter that takes them comes first
+    exporter_rank = {"onnx-dynamo": 1}
+    exporter_notes = {"onnx": "the TorchScript-based exporter is tried first: torch.export cannot trace torchvision's "
+                              "detectors (data-dependent sizes in top-k and NMS); --exporter onnx-dynamo tries it"}
 
     def network(self, task: BaseTask) -> nn.Module:
         return _OneImageDetector(task.model, self.output_names)
@@ -315,6 +330,8 @@ class DetectionExport(TaskExport):
                       "normalisation_inside": _normalisation(task), "trained_at": [datamodule.img_size] * 2,
                       "resized_inside_to": {"min_size": task.hparams.get("min_size"), "max_size": task.hparams.get("max_size")}},
             "preprocess": ["read as RGB uint8, at its own size", "pixel / 255", "HWC -> CHW"],
+            "batching": ("one image per call, as PyTorch with batch size 1 (a PyTorch batch of images of different "
+                         "sizes is padded to the largest, which moves detections near the padding a little)"),
             "outputs": outputs,
             "postprocess": [f"keep detections scoring at least score_threshold ({task.draw_score_threshold}) for display "
                             "(all are returned)"],
@@ -358,6 +375,15 @@ def _mask_iou(a: Tensor, b: Tensor) -> float:
     return 1.0 if union == 0 else int((a & b).sum()) / union
 
 
+def _pairwise_iou(a: Tensor, b: Tensor, same_px: float = 1e-2) -> Tensor:
+    """Box IoU, where boxes without area (clipped flat at the image's edge) count as one when they coincide."""
+    if not (len(a) and len(b)):
+        return torch.zeros(len(a), len(b))
+    iou = box_iou(a, b)  # 0 / 0 for two flat boxes
+    coincide = (a[:, None] - b[None]).abs().amax(-1) <= same_px
+    return torch.where(torch.isnan(iou), coincide.float(), iou)
+
+
 def match_detections(ref: dict[str, Tensor], got: dict[str, Tensor], tol: Tolerances) -> Verdict:
     """Pair each PyTorch detection with the exported one of the same label it overlaps most, best scores first.
 
@@ -369,7 +395,7 @@ def match_detections(ref: dict[str, Tensor], got: dict[str, Tensor], tol: Tolera
     rb, gb = ref["boxes"].float().reshape(-1, 4), got["boxes"].float().reshape(-1, 4)
     rl, gl = ref["labels"].reshape(-1), got["labels"].reshape(-1).to(ref["labels"].dtype)
     rs, gs = ref["scores"].float().reshape(-1), got["scores"].float().reshape(-1)
-    iou = box_iou(rb, gb) if len(rb) and len(gb) else torch.zeros(len(rb), len(gb))
+    iou = _pairwise_iou(rb, gb)
     iou = torch.where(rl[:, None] == gl[None], iou, torch.full_like(iou, -1.0))
     free = torch.ones(len(gb), dtype=torch.bool)
     pairs: list[tuple[int, int]] = []
@@ -470,10 +496,15 @@ class ExportedModel(nn.Module):
 
 # -- exporters -----------------------------------------------------------------------------------
 
+class ExportError(RuntimeError):
+    """No exporter of the format wrote a file that reproduces PyTorch (the message holds each one's reason)."""
+
+
 @dataclass(frozen=True)
 class Exporter:
-    """One way to write a format: its name in reports, the format of the file it writes, and how."""
+    """One way to write a format: its key (``--exporter``), its name in reports, the format of its file, and how."""
 
+    key: str
     name: str
     writes: str
     save: Callable[[nn.Module, tuple[Tensor, ...], Path, TaskExport], None]
@@ -506,23 +537,31 @@ def _torch_export(net: nn.Module, args: tuple[Tensor, ...], path: Path, recipe: 
     torch.export.save(_exported_program(net, args, recipe), str(path))
 
 
-_JIT = Exporter("torch.jit.trace", "torchscript", _jit_trace)
+_JIT = Exporter("jit-trace", "torch.jit.trace", "torchscript", _jit_trace)
 
 #: format -> its exporters, in the order they are tried
 EXPORTERS: dict[str, tuple[Exporter, ...]] = {
-    "onnx": (Exporter("torch.export.export + torch.onnx.export(dynamo=True)", "onnx", _onnx_dynamo),
-             Exporter(f"torch.onnx.export(dynamo=False, opset {ONNX_OPSET}), TorchScript-based", "onnx", _onnx_torchscript)),
+    "onnx": (Exporter("onnx-dynamo", "torch.export.export + torch.onnx.export(dynamo=True)", "onnx", _onnx_dynamo),
+             Exporter("onnx-torchscript", f"torch.onnx.export(dynamo=False, opset {ONNX_OPSET}), TorchScript-based", "onnx",
+                      _onnx_torchscript)),
     "torchscript": (_JIT,),
-    "exported_program": (Exporter("torch.export.export", "exported_program", _torch_export), _JIT),
+    "exported_program": (Exporter("torch-export", "torch.export.export", "exported_program", _torch_export), _JIT),
 }
 
 
 @contextlib.contextmanager
 def _quiet() -> Any:
-    """The exporters' progress lines and tracer warnings kept off the command's output."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        yield
+    """The exporters' progress lines, tracer warnings and failed graphs kept off the command's output."""
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    torch_log.setLevel(logging.CRITICAL)
+    try:
+        # torch.export prints the partial graph of a model it cannot take to stderr: the reason is reported instead
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch_log.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -573,16 +612,30 @@ def _verify(model: ExportedModel, checks: Sequence[_Check], wanted: Sequence[lis
     return None, None
 
 
-def export_model(task: BaseTask, example: Any, fmt: str, out_dir: Path, tol: Tolerances = Tolerances()) -> ExportResult:
+def exporters(recipe: TaskExport, fmt: str, only: str | None = None) -> tuple[Exporter, ...]:
+    """The exporters tried for ``fmt``, in the recipe's order, or only the one keyed ``only``."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    order = tuple(sorted(EXPORTERS[fmt], key=lambda e: recipe.exporter_rank.get(e.key, 0)))
+    if only is None:
+        return order
+    picked = tuple(e for e in order if e.key == only)
+    if not picked:
+        raise ValueError(f"no exporter {only!r} for {fmt}; choose one of {', '.join(e.key for e in order)}")
+    return picked
+
+
+def export_model(task: BaseTask, example: Any, fmt: str, out_dir: Path, tol: Tolerances = Tolerances(),
+                 only: str | None = None) -> ExportResult:
     """Write ``task``'s model as ``fmt`` under ``out_dir`` with the first exporter whose file reproduces PyTorch.
 
     ``example``: the model's inputs for one validation batch (at least two samples where batched).
     Each exporter's file is loaded back and compared on ``example``, on one sample, and (tasks that
     predict at the image's own size) on one sample at another size; see the module docstring.
+    ``only``: the key of the one exporter to try (``EXPORTERS``), instead of all in the recipe's order.
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     recipe = task_export(task)
+    tried = exporters(recipe, fmt, only)
     net = recipe.network(task).eval()
     if isinstance(example, Tensor) and example.shape[0] < 2:  # a batch of one would fix the batch size at 1
         example = example.repeat(2, *([1] * (example.dim() - 1)))
@@ -596,7 +649,7 @@ def export_model(task: BaseTask, example: Any, fmt: str, out_dir: Path, tol: Tol
     start = time.perf_counter()
     fallbacks: list[dict[str, str]] = []
     fixed: ExportResult | None = None  # the first file right at the training size only, kept in case none does better
-    for exporter in EXPORTERS[fmt]:
+    for exporter in tried:
         final = out_dir / f"model{FORMATS[exporter.writes]}"
         tmp = final.with_name(f".candidate-{final.name}")
         try:
@@ -619,8 +672,8 @@ def export_model(task: BaseTask, example: Any, fmt: str, out_dir: Path, tol: Tol
             fallbacks.append({"exporter": exporter.name, "reason": reason})
         tmp.unlink(missing_ok=True)
     if fixed is None:
-        tried = "; ".join(f"{f['exporter']}: {f['reason']}" for f in fallbacks)
-        raise RuntimeError(f"no exporter could write {type(task).__name__} as {fmt} ({tried})")
+        reasons = "; ".join(f"{f['exporter']}: {f['reason']}" for f in fallbacks)
+        raise ExportError(f"no exporter could write {type(task).__name__} as {fmt} ({reasons})")
     os.replace(fixed.path.with_name(f".fixed-{fixed.path.name}"), fixed.path)
     # the exporters tried after the kept one did no better
     fixed.fallbacks = fixed.fallbacks + fallbacks[len(fixed.fallbacks):]
