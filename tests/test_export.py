@@ -24,7 +24,7 @@ from PIL import Image
 from conftest import REPO, run_cli
 from cvtasks.__main__ import main as cvtasks_main
 from cvtasks.data.shapes import render_scene
-from cvtasks.export import Tolerances, match_detections, task_export
+from cvtasks.export import Tolerances, exported_model, match_detections, task_export, validation_loader
 from cvtasks.runs import RunFolder
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -129,7 +129,7 @@ def _val_size(run: RunFolder) -> int:
     return len(dm.val_indices)
 
 
-def test_fcn_segmentation_is_fixed_size_and_says_why(runs: Path, tmp_path: Path) -> None:
+def test_fcn_segmentation_is_fixed_size_and_says_why(runs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     run = _run(runs, "segmentation")
     if not (run.export_dir / "model.json").is_file():
         assert _export(runs, "segmentation") == 0
@@ -141,6 +141,7 @@ def test_fcn_segmentation_is_fixed_size_and_says_why(runs: Path, tmp_path: Path)
     Image.fromarray(render_scene(0, 80).image).save(images / "big.png")
     code = cvtasks_main(["predict-run", "segmentation", str(images), "--runs_dir", str(runs), "--backend", "onnx"])
     assert code == 2  # refused with the size it takes, not a wrong mask
+    assert f"takes only {S}x{S} images" in capsys.readouterr().err
 
 
 # -- the other formats ------------------------------------------------------------------------------
@@ -278,6 +279,36 @@ def test_user_errors_name_the_input_and_the_fix(runs: Path, tmp_path: Path, caps
     fresh = _make_run(tmp_path / "other", "classification")
     assert cvtasks_main(["predict-run", str(fresh.root), str(images), "--backend", "torchscript"]) == 2
     assert "make export RUN=classification FORMAT=torchscript" in capsys.readouterr().err
+    assert _export(runs, "classification", "--exporter", "jit-trace") == 2
+    assert "no exporter 'jit-trace' for onnx; choose one of onnx-dynamo, onnx-torchscript" in capsys.readouterr().err
+    empty = _load(RUNS["classification"][2])(num_samples=8, img_size=32, split=(1.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="validation split is empty"):
+        validation_loader(empty)
+
+
+def test_dynamo_exporter_on_a_detector_fails_with_its_reason(runs: Path, capsys: pytest.CaptureFixture) -> None:
+    _run(runs, "faster_rcnn")
+    # asked for the dynamo-based exporter alone: torch.export cannot trace the detector, and the command says why
+    assert _export(runs, "faster_rcnn", "--exporter", "onnx-dynamo", "--limit", "1") == 1
+    err = capsys.readouterr().err
+    assert "no exporter could write DetectionTask as onnx" in err and "torch.export.export" in err
+    assert "data-dependent" in err and "Traceback" not in err
+
+
+def test_an_export_of_an_older_checkpoint_is_flagged(runs: Path) -> None:
+    run = _run(runs, "classification")
+    if not (run.export_dir / "model.json").is_file():
+        assert _export(runs, "classification", "--limit", "2") == 0
+    path = run.export_dir / "model.json"
+    kept = path.read_text()
+    sidecar = json.loads(kept)
+    sidecar["formats"]["onnx"]["checkpoint_sha256"] = "0" * 64  # as if best.ckpt had moved on since
+    path.write_text(json.dumps(sidecar))
+    try:
+        with pytest.warns(UserWarning, match="exported from an earlier best.ckpt"):
+            exported_model(run, run.load_task(), "onnx")
+    finally:
+        path.write_text(kept)
 
 
 def test_export_end_to_end_through_the_cli_and_make(workdir: Path) -> None:
