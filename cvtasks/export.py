@@ -77,12 +77,15 @@ ONNX_OPSET = 17
 class Tolerances:
     """How close the exported model's outputs must be to PyTorch's, per sample."""
 
-    rtol: float = 1e-3  # classification logits: |exported - pytorch| <= atol + rtol * |pytorch|
-    atol: float = 1e-5
-    pixel_agreement: float = 0.999  # segmentation: share of pixels with the same class
-    box_iou: float = 0.99  # detection: IoU of each matched pair of boxes (same label)
-    score_atol: float = 1e-3  # detection: |score difference| of each matched pair
-    mask_iou: float = 0.99  # instance segmentation: IoU of each matched pair's masks binarised at 0.5
+    rtol: float = field(default=1e-3, metadata={
+        "help": "classification: |exported - pytorch| <= atol + rtol x |pytorch| per logit"})
+    atol: float = field(default=1e-5, metadata={"help": "classification: see rtol"})
+    pixel_agreement: float = field(default=0.999, metadata={
+        "help": "segmentation: share of each image's pixels with the same class"})
+    box_iou: float = field(default=0.99, metadata={"help": "detection: IoU of each matched pair of boxes (same label)"})
+    score_atol: float = field(default=1e-3, metadata={"help": "detection: |score difference| of each matched pair"})
+    mask_iou: float = field(default=0.99, metadata={
+        "help": "instance segmentation: IoU of each pair's masks binarised at 0.5"})
 
 
 @dataclass
@@ -397,16 +400,18 @@ def match_detections(ref: dict[str, Tensor], got: dict[str, Tensor], tol: Tolera
     rs, gs = ref["scores"].float().reshape(-1), got["scores"].float().reshape(-1)
     iou = _pairwise_iou(rb, gb)
     iou = torch.where(rl[:, None] == gl[None], iou, torch.full_like(iou, -1.0))
+    # the same object (IoU > 0.5, however badly placed) is a candidate; among candidates the closest in
+    # place and score, so that duplicates of one box with different scores pair with their own
+    affinity = torch.where(iou > 0.5, iou - (rs[:, None] - gs[None]).abs(), torch.full_like(iou, -math.inf))
     free = torch.ones(len(gb), dtype=torch.bool)
     pairs: list[tuple[int, int]] = []
     for i in rs.argsort(descending=True).tolist():
-        if not bool(free.any()):
-            break
-        row = torch.where(free, iou[i], torch.full_like(iou[i], -1.0))
+        row = torch.where(free, affinity[i], torch.full_like(affinity[i], -math.inf))
+        if not bool(torch.isfinite(row).any()):
+            continue
         j = int(row.argmax())
-        if row[j] > 0.5:  # the same object, however badly placed; worse is no partner
-            pairs.append((i, j))
-            free[j] = False
+        pairs.append((i, j))
+        free[j] = False
     min_iou = min((float(iou[i, j]) for i, j in pairs), default=1.0)
     max_score = max((abs(float(rs[i] - gs[j])) for i, j in pairs), default=0.0)
     stats: dict[str, float] = {"n_detections": float(len(rb)), "min_box_iou": min_iou, "max_score_diff": max_score}

@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
                     help="try only this exporter: onnx-dynamo, onnx-torchscript (onnx), jit-trace (torchscript), "
                          "torch-export (exported_program); default: each of the format's in turn")
     for f in fields(Tolerances):
-        ap.add_argument(f"--{f.name}", type=float, default=f.default, help=f"tolerance (default: {f.default})")
+        ap.add_argument(f"--{f.name}", type=float, default=f.default, help=f"{f.metadata['help']} (default: {f.default})")
     ns = ap.parse_args(argv)
     if ns.format not in FORMATS:
         raise ValueError(f"unknown export format {ns.format!r}; choose one of {', '.join(FORMATS)} (make export FORMAT=...)")
