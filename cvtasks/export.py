@@ -445,7 +445,9 @@ def load_exported(path: Path, fmt: str) -> Callable[..., tuple[Tensor, ...]]:
     if fmt == "onnx":
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # a failed run raises with the message; the C++ log would print it again
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
 
         def run_onnx(*args: Tensor) -> tuple[Tensor, ...]:
