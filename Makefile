@@ -33,6 +33,7 @@ TRIALS     ?= 20
 SPACE      ?=
 STORAGE    ?=
 INPUT      ?=
+FORMAT     ?= onnx
 PATTERN    ?=
 PYTEST_ARGS ?=
 TEST_JOBS  ?= 2
@@ -61,7 +62,7 @@ CLI_ARGS = --config configs/$(TASK).yaml \
 	$(if $(PRECISION),--trainer.precision $(PRECISION)) \
 	$(if $(RUN),--run_name $(RUN))
 
-.PHONY: help setup lock check-task train evaluate predict resume backbones weights summary cv compare search check-backbone test test-fast bench docs clean
+.PHONY: help setup lock check-task train evaluate predict export resume backbones weights summary cv compare search check-backbone test test-fast bench docs clean
 
 help: ## show this help: targets, then variables with their defaults
 	@echo "Targets:"
@@ -95,6 +96,7 @@ help: ## show this help: targets, then variables with their defaults
 	@echo "  NAME=              backbone name(s) for make check-backbone, make summary and make weights;"
 	@echo "                     make weights also takes task presets <detector or head>:<preset>, e.g. faster_rcnn:coco deeplabv3:coco_voc"
 	@echo "  INPUT=             folder of images for make predict"
+	@echo "  FORMAT=$(FORMAT)        make export's format: onnx | torchscript | exported_program"
 	@echo "  ARGS=              passed to the CLI as they are, e.g. ARGS='--model.lr 0.01'"
 	@echo "  TEST_JOBS=$(TEST_JOBS)        pytest processes for make test (pytest-xdist); PYTEST_ARGS= adds pytest options"
 
@@ -137,9 +139,13 @@ evaluate: $(STAMP) ## evaluate a run's best checkpoint on its test split (RUN=..
 	@test -n "$(RUN)" || { echo "error: make evaluate needs RUN=<run name>; see ls runs/" >&2; exit 2; }
 	$(PY) -m cvtasks evaluate $(RUN) $(ARGS)
 
-predict: $(STAMP) ## predict on a folder of images with a run's best checkpoint (RUN=... INPUT=folder)
+predict: $(STAMP) ## predict on a folder of images with a run's best checkpoint (RUN=... INPUT=folder; ARGS='--backend onnx': with its export)
 	@test -n "$(RUN)" -a -n "$(INPUT)" || { echo "error: make predict needs RUN=<run> and INPUT=<folder of images>" >&2; exit 2; }
 	$(PY) -m cvtasks predict-run $(RUN) $(INPUT) $(ARGS)
+
+export: $(STAMP) ## export a run's best model and check it against PyTorch on its val split (RUN=... [FORMAT=onnx]); writes runs/<RUN>/export/
+	@test -n "$(RUN)" || { echo "error: make export needs RUN=<run name>; see ls runs/" >&2; exit 2; }
+	$(PY) -m cvtasks export $(RUN) --format $(FORMAT) $(ARGS)
 
 resume: $(STAMP) ## continue an interrupted run from its folder alone (RUN=...)
 	@test -n "$(RUN)" || { echo "error: make resume needs RUN=<run name>; see ls runs/" >&2; exit 2; }

@@ -6,6 +6,7 @@
     runs/<run>/metrics.json             the final figures, written after fit
     runs/<run>/validate_metrics.json    written by the validate subcommand (test_metrics.json: test)
     runs/<run>/predictions/             predict's default output folder
+    runs/<run>/export/                  the exported model, its model.json and the parity report.json (export)
     runs/<run>/logs/ tensorboard/ wandb/  the CSV, TensorBoard and W&B loggers' folders
 
 The CLI, the Makefile's targets (through the commands) and every command go through `RunFolder`,
@@ -56,6 +57,7 @@ class RunFolder:
     LAST = "last.ckpt"
     METRICS = "metrics.json"
     PREDICTIONS = "predictions"
+    EXPORT = "export"
     CSV_LOGS = "logs"
     TENSORBOARD = "tensorboard"
     WANDB = "wandb"
@@ -114,6 +116,7 @@ class RunFolder:
     last_checkpoint = _inside(CHECKPOINTS, LAST, doc="The latest full training state.")
     metrics_path = _inside(METRICS, doc="The final figures written after fit.")
     predictions_dir = _inside(PREDICTIONS, doc="predict's default output folder.")
+    export_dir = _inside(EXPORT, doc="The exported model, model.json and report.json (the export command).")
     csv_logs_dir = _inside(CSV_LOGS, doc="The CSV logger's folder.")
     tensorboard_dir = _inside(TENSORBOARD, doc="The TensorBoard logger's folder.")
     # W&B itself adds wandb/ under its save_dir, which the CLI sets to the run folder

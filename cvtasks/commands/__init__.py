@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "compare": "compare",
     "cv": "cv",
     "evaluate": "evaluate",
+    "export": "export",
     "predict-run": "predict_run",
     "resume": "resume",
     "search": "search",

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.detection._utils import _topk_min
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import batched_nms, box_iou, generalized_box_iou_loss
 
@@ -153,9 +154,10 @@ def select_detections(
     keep = flat > score_thresh
     idx = keep.nonzero().squeeze(1)
     vals = flat[idx]
-    if vals.numel() > topk_candidates:
-        vals, order = vals.topk(topk_candidates)
-        idx = idx[order]
+    # the best topk_candidates, however many passed: torchvision's _topk_min keeps the count a
+    # graph value when traced (ONNX, TorchScript), where a Python comparison would fix the trace's
+    vals, order = vals.topk(_topk_min(vals, topk_candidates, 0))
+    idx = idx[order]
     prior, labels = idx // num_classes, idx % num_classes
     cand = boxes[prior]
     kept = batched_nms(cand, vals, labels, nms_thresh)[:detections_per_img]
@@ -253,7 +255,8 @@ class YOLODetector(nn.Module):
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
         if self.training and targets is None:
             raise ValueError("YOLODetector in training mode needs targets (list of dicts with boxes, labels)")
-        original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        # shapes, not ints: a traced export (ONNX, TorchScript) then rescales boxes for any image size
+        original_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
         batch, targets = self.transform(images, targets)
         feats = list(self.backbone(batch.tensors).values())
         cls, deltas, obj = self.head(feats)

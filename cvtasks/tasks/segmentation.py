@@ -110,6 +110,8 @@ class SemanticSegmentationTask(BaseTask):
         self.aux_loss_weight = aux_loss_weight
         self.crf = DenseCRF(**(crf_kwargs or {})) if crf else None
         self.num_log_images = num_log_images
+        # kept here, not read from the model when predicting: an exported model standing in for it has no backbone
+        self.min_input_size = self.model.backbone.spec.min_input_size
         self.val_metrics = _metrics(self.num_classes)
         self.test_metrics = _metrics(self.num_classes)
 
@@ -190,7 +192,7 @@ class SemanticSegmentationTask(BaseTask):
         images = batch["image"]
         items: Sequence[Tensor] = images if isinstance(images, list) else list(images)
         records = []
-        min_side = self.model.backbone.spec.min_input_size
+        min_side = self.min_input_size
         for img, path, size in zip(items, batch["path"], batch["orig_size"]):
             h0, w0 = img.shape[-2:]
             # an image smaller than the backbone's smallest input is padded, and the padding cropped off again
