@@ -60,10 +60,15 @@ __all__ = [
     "build_datamodule",
     "check_parity",
     "export_model",
+    "exported_model",
     "exporters",
     "load_exported",
+    "match_detections",
     "read_sidecar",
+    "standing_in",
     "task_export",
+    "validation_loader",
+    "validation_metrics",
 ]
 
 #: format -> the suffix of its file (model.onnx, model.pt, model.pt2 in runs/<run>/export/)
