@@ -217,6 +217,15 @@ def test_tolerances_and_matching_rules() -> None:
     moved[1, :, 10:, :] = 0.9  # one mask doubled
     assert not match_detections({**ref, "masks": masks}, {**ref, "masks": moved}, tol).ok
     assert match_detections({**ref, "masks": masks}, {**ref, "masks": masks + 1e-6}, tol).ok
+    # a pixel PyTorch puts at 0.4999996 may land on either side: float noise, not a different mask
+    tiny = torch.zeros(3, 1, 20, 20)
+    tiny[:, :, :4, :4] = 0.9
+    tiny[:, :, 4, 0] = 0.4999996
+    noisy = tiny.clone()
+    noisy[:, :, 4, 0] = 0.5000001
+    assert match_detections({**ref, "masks": tiny}, {**ref, "masks": noisy}, tol).ok
+    noisy[:, :, 5, 0] = 0.9  # a pixel PyTorch is sure of, lost in a 16-pixel mask
+    assert not match_detections({**ref, "masks": tiny}, {**ref, "masks": noisy}, tol).ok
 
 
 # -- predicting with the export ------------------------------------------------------------------------

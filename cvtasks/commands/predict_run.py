@@ -7,12 +7,10 @@ from typing import Any, Sequence
 
 from . import run_parser
 
-BACKENDS = ("pytorch", "onnx", "torchscript", "exported_program")
-
-
 def main(argv: list[str]) -> int:
-    """``python -m cvtasks predict-run RUN INPUT [--backend B] [--runs_dir DIR] [predict flags]``: flags override the run's config."""
+    """``python -m cvtasks predict-run RUN INPUT [--backend B] [--runs_dir DIR] [predict flags]``: flags override the config."""
     from ..cli import CvtasksCLI
+    from ..export import FORMATS, read_sidecar
     from ..runs import RunFolder
 
     ap = run_parser("predict-run", __doc__ or "")
@@ -23,17 +21,17 @@ def main(argv: list[str]) -> int:
     ns, rest = ap.parse_known_args(argv)
     run = RunFolder.from_name(ns.run, ns.runs_dir)
     if not Path(ns.input).is_dir():
-        raise FileNotFoundError(f"INPUT {ns.input!r} is not a folder; pass a folder of images (make predict RUN={run.name} INPUT=<folder>)")
-    if ns.backend not in BACKENDS:
-        raise ValueError(f"unknown backend {ns.backend!r}; choose one of {', '.join(BACKENDS)}")
+        raise FileNotFoundError(f"INPUT {ns.input!r} is not a folder; pass a folder of images "
+                                f"(make predict RUN={run.name} INPUT=<folder>)")
+    if ns.backend not in ("pytorch", *FORMATS):
+        raise ValueError(f"unknown backend {ns.backend!r}; choose one of pytorch, {', '.join(FORMATS)}")
     common = ["--config", str(run.config_path), "--run_name", run.name, "--runs_dir", str(run.runs_dir),
               "--data.predict_dir", ns.input]
     if ns.backend == "pytorch":
-        best = run.require(run.best_checkpoint, f"it is written after the run's first validation; resume it with make resume RUN={run.name}")
+        best = run.require(run.best_checkpoint,
+                           f"it is written after the run's first validation; resume it with make resume RUN={run.name}")
         CvtasksCLI(["predict", *common, "--ckpt_path", str(best), *rest])
         return 0
-    from ..export import read_sidecar
-
     read_sidecar(run, ns.backend)  # a missing or unchecked export stops here, before anything is built
     # the export holds every weight: nothing is loaded into the task, nor fetched for its backbone
     _predict_with_export(run, ns.backend, ["predict", *common, "--model.pretrained", "null", *rest])
