@@ -231,3 +231,26 @@ def test_fast_rcnn_fits_and_predicts_from_the_command_line(workdir: Path) -> Non
     proc = run_cli(["predict-run", "frcnn", str(images)], workdir)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (run / "predictions" / "a.png").is_file()
+
+
+# -- the lecture's comparison ----------------------------------------------------------------------
+
+def test_rcnn_benchmark_times_every_detector_and_reads_given_runs(tmp_path: Path) -> None:
+    from benchmarks import rcnn as bench
+
+    run = tmp_path / "frcnn"
+    run.mkdir()
+    (run / "config.yaml").write_text("model: {}\n")
+    (run / "metrics.json").write_text(json.dumps({"val/map_50": 0.75, "test/map_50": 0.5}))
+    text = bench.main(["--backbone", "_tinynet", "--images", "2", "--repeats", "1", "--recall-scenes", "2",
+                       "--runs", f"fast_rcnn={run}"])
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+    # every detector without masks in the table has its row, R-CNN and Fast R-CNN first
+    assert len(rows) - 1 == len(bench.lineup()) and list(rows)[1:3] == ["R-CNN (`rcnn`)", "Fast R-CNN (`fast_rcnn`)"]
+    assert all(any(f"`{n}`" in r or r.startswith(f"| {n} |") for r in rows.values()) for n, s in DETECTORS.items() if not s.masks)
+    fast = [c.strip() for c in rows["Fast R-CNN (`fast_rcnn`)"].split("|")[1:-1]]
+    assert float(fast[1]) > 0 and fast[4] == "1.00x" and fast[6:] == ["0.750", "0.500"]  # proposals timed apart; the run's mAP
+    assert [c.strip() for c in rows["Faster R-CNN (`faster_rcnn`)"].split("|")[1:-1]][1] == "0.000"  # its own RPN
+    assert "R-CNN / Fast R-CNN at test" in text and "recall on 2 validation scenes" in text
+    with pytest.raises(SystemExit, match="NAME=RUN"):
+        bench.main(["--runs", "fast_rcnn"])
