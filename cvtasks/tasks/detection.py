@@ -97,10 +97,10 @@ class DetectionTask(BaseTask):
         return self.model(list(images), None if targets is None else list(targets),
                           None if proposals is None else list(proposals))
 
-    def _proposals(self, targets: Sequence[dict[str, Any]]) -> list[Tensor] | None:
-        """The targets' ``proposals`` for a detector that reads them (None for the others); missing ones name the fix."""
+    def _proposals(self, targets: Sequence[dict[str, Any]]) -> dict[str, list[Tensor]]:
+        """``{"proposals": the targets'}`` for a detector that reads them, nothing for the others; missing ones name the fix."""
         if not self.model.proposals:
-            return None
+            return {}
         missing = [t.get("image_id") for t in targets if "proposals" not in t]
         if missing:
             raise ValueError(
@@ -108,7 +108,7 @@ class DetectionTask(BaseTask):
                 f"none: build the data module with proposals=True (--data.proposals true; the CLI sets it for this "
                 f"detector when the config leaves it null)"
             )
-        return [t["proposals"] for t in targets]
+        return {"proposals": [t["proposals"] for t in targets]}
 
     # -- steps ---------------------------------------------------------------------------------
     def _train_targets(self, targets: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -124,7 +124,7 @@ class DetectionTask(BaseTask):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch
-        losses = self.model(list(images), self._train_targets(targets), self._proposals(targets))
+        losses = self.model(list(images), self._train_targets(targets), **self._proposals(targets))
         loss = torch.stack(list(losses.values())).sum()
         self.check_finite(loss, [t.get("image_id") for t in targets])
         bs = len(images)
@@ -150,7 +150,7 @@ class DetectionTask(BaseTask):
 
     def _eval_step(self, batch: Batch, batch_idx: int, stage: str) -> None:
         images, targets = batch
-        preds = self.model(list(images), proposals=self._proposals(targets))
+        preds = self.model(list(images), **self._proposals(targets))
         self.metrics[f"{stage}_map"].update(*self._metric_inputs(preds, targets))
         if stage == "val" and self.should_log_images(batch_idx):
             self._log_samples(images, preds, targets)
@@ -214,7 +214,7 @@ class DetectionTask(BaseTask):
         if self.model.proposals and "proposals" not in batch:
             raise ValueError(f"detector {self.model.name!r} classifies region proposals, but the predict batch has none: "
                              f"build the data module with proposals=True (--data.proposals true)")
-        preds = self.model(list(images), proposals=batch.get("proposals"))
+        preds = self.model(list(images), **({"proposals": batch["proposals"]} if self.model.proposals else {}))
         records = []
         for path, p in zip(batch["path"], preds):
             rec: dict[str, Any] = {"path": path, "boxes": p["boxes"].cpu(), "scores": p["scores"].cpu(),
