@@ -245,12 +245,13 @@ def test_rcnn_benchmark_times_every_detector_and_reads_given_runs(tmp_path: Path
     text = bench.main(["--backbone", "_tinynet", "--images", "2", "--repeats", "1", "--recall-scenes", "2",
                        "--runs", f"fast_rcnn={run}"])
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
-    # every detector without masks in the table has its row, R-CNN and Fast R-CNN first
-    assert len(rows) - 1 == len(bench.lineup()) and list(rows)[1:3] == ["R-CNN (`rcnn`)", "Fast R-CNN (`fast_rcnn`)"]
+    # every detector without masks in the table has its row, R-CNN (also at the paper's warp) and Fast R-CNN first
+    assert len(rows) - 1 == len(bench.lineup())
+    assert list(rows)[1:4] == ["R-CNN (`rcnn`)", "R-CNN, the paper's 227 px warp (`rcnn:crop_size=227`)", "Fast R-CNN (`fast_rcnn`)"]
     assert all(any(f"`{n}`" in r or r.startswith(f"| {n} |") for r in rows.values()) for n, s in DETECTORS.items() if not s.masks)
     fast = [c.strip() for c in rows["Fast R-CNN (`fast_rcnn`)"].split("|")[1:-1]]
     assert float(fast[1]) > 0 and fast[4] == "1.00x" and fast[6:] == ["0.750", "0.500"]  # proposals timed apart; the run's mAP
     assert [c.strip() for c in rows["Faster R-CNN (`faster_rcnn`)"].split("|")[1:-1]][1] == "0.000"  # its own RPN
-    assert "R-CNN / Fast R-CNN at test" in text and "recall on 2 validation scenes" in text
+    assert "rcnn:crop_size=227 / fast_rcnn at test" in text and "recall on 2 validation scenes" in text
     with pytest.raises(SystemExit, match="NAME=RUN"):
         bench.main(["--runs", "fast_rcnn"])
