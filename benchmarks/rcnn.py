@@ -183,10 +183,14 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--images", type=int, default=4, help="validation scenes per timed batch")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads (default: torch's); 1 keeps the ratios steady on a machine shared with other work")
     ap.add_argument("--runs", nargs="*", default=[], metavar="NAME=RUN",
                     help="trained runs whose mAP@0.5 to show, e.g. fast_rcnn=fast_rcnn-default (faster_rcnn:roi=spp=<run> for a row with a setting)")
     ap.add_argument("--recall-scenes", type=int, default=None, help="validation scenes for the proposals' recall (default: all; 0: skip)")
     ns = ap.parse_args(argv)
+    if ns.threads:
+        torch.set_num_threads(ns.threads)
     maps = {}
     for item in ns.runs:
         name, sep, run = item.rpartition("=")
