@@ -17,7 +17,7 @@ size) and the settings of that config (neck width, image size). Trains nothing. 
 - with ``--runs name=<run folder> ...``: the val and test mAP@0.5 of those trained runs (their metrics.json).
 
 The detectors are timed in turn within each repeat (round robin), so all see the same machine
-state; each figure is the median over ``--repeats``. With ``--recall-scenes N`` (default: the
+state; each figure is the median over ``--repeats``, on one thread by default (``--threads``). With ``--recall-scenes N`` (default: the
 config's whole validation split) it also measures selective search's recall at IoU 0.5 on N
 validation scenes: the share of objects any proposal-based detector can find at all.
 """
@@ -183,8 +183,9 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--images", type=int, default=4, help="validation scenes per timed batch")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="intra-op threads (default: torch's); 1 keeps the ratios steady on a machine shared with other work")
+    # on a loaded machine two threads stall each other whenever one is preempted (measured: every row
+    # 2-15x slower, unevenly); one thread keeps the ratios, which is what this benchmark reports
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads (0: torch's default)")
     ap.add_argument("--runs", nargs="*", default=[], metavar="NAME=RUN",
                     help="trained runs whose mAP@0.5 to show, e.g. fast_rcnn=fast_rcnn-default (faster_rcnn:roi=spp=<run> for a row with a setting)")
     ap.add_argument("--recall-scenes", type=int, default=None, help="validation scenes for the proposals' recall (default: all; 0: skip)")
