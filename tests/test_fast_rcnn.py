@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -116,6 +115,23 @@ def test_scenes_carry_proposals_computed_once(shapes: ShapesDetectionDataModule)
     plain = ShapesDetectionDataModule(num_samples=6, img_size=S, num_workers=0)
     plain.setup("fit")
     assert "proposals" not in plain._datasets["fit"][0][1]
+
+
+def test_coco_images_get_their_proposals_once_and_scaled(tmp_path: Path) -> None:
+    from cvtasks.data.detection import COCODetectionDataModule
+    from test_detection_data import _coco_folder
+
+    dm = COCODetectionDataModule(root=str(_coco_folder(tmp_path / "coco")), img_size=128, num_workers=0,
+                                 proposals=True, augment=False, split=(1.0, 0.0, 0.0))
+    dm.setup("fit")
+    data = dm._datasets["fit"]
+    image, target = data[0]
+    raw = selective_search(np.asarray(Image.open(tmp_path / "coco" / "images" / data.index.images[data.rows[0]].file_name)))
+    # letterboxed to 128 px: the image's longest side (64) doubles, and so does every proposal
+    assert image.shape[-2:] == (128, 128)
+    torch.testing.assert_close(target["proposals"], torch.from_numpy(raw) * 2)
+    data[0]
+    assert len(data.proposals) == 1  # searched once, kept
 
 
 # -- the detectors through the task ----------------------------------------------------------------
