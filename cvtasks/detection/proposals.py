@@ -2,8 +2,8 @@
 
 Written on scikit-image's graph-based segmentation (``skimage.segmentation.felzenszwalb``,
 Felzenszwalb & Huttenlocher, IJCV 2004) rather than OpenCV's contrib ``ximgproc`` module: that
-module ships only in ``opencv-contrib-python``, a second OpenCV build that would shadow the
-``opencv-python-headless`` albumentations brings (both install the same ``cv2`` package).
+module ships only in ``opencv-contrib-python``, a second OpenCV build that would share (and fight
+over) the ``cv2`` folder of the ``opencv-python-headless`` albumentations brings.
 
 One hierarchy per strategy (a colour space and a segmentation scale ``k``):
 
