@@ -172,7 +172,7 @@ test: $(STAMP) ## run the whole test suite (heavier tests included), in TEST_JOB
 test-fast: $(STAMP) ## run the tests not marked slow
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
 
-bench: $(STAMP) ## side-by-side benchmarks: native backbones vs reference, Lightning vs a plain loop, the data path (python -m benchmarks throughput: GPU)
+bench: $(STAMP) ## side-by-side benchmarks: native backbones vs reference, Lightning vs a plain loop, the data path, R-CNN vs Fast/Faster R-CNN (python -m benchmarks throughput: GPU)
 	$(PY) -m benchmarks $(ARGS)
 
 docs: $(STAMP) ## regenerate docs/backbones.md from what the checks observe

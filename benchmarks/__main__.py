@@ -1,12 +1,12 @@
 """`make bench`: both benchmarks in one run, each a ratio measured side by side.
 
-    python -m benchmarks [backbones|lightning|data] [their options]
+    python -m benchmarks [backbones|lightning|data|rcnn] [their options]
     python -m benchmarks throughput --device cuda      (not in the default run: it needs a GPU)
 """
 
 import sys
 
-from . import backbones, data, lightning_loop, throughput
+from . import backbones, data, lightning_loop, rcnn, throughput
 
 
 def main() -> None:
@@ -14,7 +14,7 @@ def main() -> None:
     if args and args[0] == "throughput":
         throughput.main(args[1:])
         return
-    which = args[0] if args and args[0] in ("backbones", "lightning", "data") else None
+    which = args[0] if args and args[0] in ("backbones", "lightning", "data", "rcnn") else None
     rest = args[1:] if which else args
     if which in (None, "lightning"):
         print("== Lightning epoch over a plain PyTorch loop")
@@ -25,6 +25,9 @@ def main() -> None:
     if which in (None, "backbones"):
         print("\n== native backbone over its reference, forward+backward")
         backbones.main(rest if which else [])
+    if which in (None, "rcnn"):
+        print("\n== the lecture's comparison: R-CNN, Fast R-CNN (proposals apart), Faster R-CNN, ... at test and per training step")
+        rcnn.main(rest if which else [])
 
 
 if __name__ == "__main__":

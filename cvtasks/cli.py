@@ -114,6 +114,7 @@ class CvtasksCLI(LightningCLI):
         model_args = cfg.model.init_args
         get_backbone_entry(model_args.backbone)  # an unknown name stops here, before any data is built
         self._follow_image_size(cfg)
+        self._follow_detector(cfg)
         ckpt = cfg.get("ckpt_path")
         run_name = cfg.run_name
         holder = RunFolder.of_checkpoint(ckpt) if ckpt else None
@@ -143,6 +144,21 @@ class CvtasksCLI(LightningCLI):
         model_args.min_size = int(img_size)
         if model_args.get("max_size") is None:
             model_args.max_size = int(img_size)
+
+    @staticmethod
+    def _follow_detector(cfg: Any) -> None:
+        """A detection data module's ``proposals`` left null follow the detector: on for those that classify proposals.
+
+        So ``--model.detector fast_rcnn`` alone gets its selective search proposals in every split and
+        in predict, and no other detector pays for them.
+        """
+        data_args = (cfg.data.init_args or {}) if cfg.get("data") else {}
+        if "proposals" not in data_args or data_args.get("proposals") is not None:
+            return
+        from .detection.models import DETECTORS  # only detection configs get here
+
+        spec = DETECTORS.get(cfg.model.init_args.get("detector"))
+        data_args["proposals"] = bool(spec is not None and spec.proposals)
 
     def _configure_loggers(self, cfg: Any) -> None:
         loggers = cfg.trainer.logger

@@ -115,14 +115,17 @@ def test_every_detector_trains_and_predicts(name: str) -> None:
     torch.manual_seed(0)
     det = build_detector(name, "_tinynet", K, min_size=S, neck_channels=16)
     images = [torch.rand(3, S, S), torch.rand(3, S, S)]
+    # R-CNN and Fast R-CNN classify proposals given with the images: here boxes near and far from the objects
+    proposals = [torch.tensor([[2.0, 4.0, 32.0, 30.0], [30.0, 30.0, 62.0, 60.0], [0.0, 0.0, 16.0, 40.0]])] * 2
+    extra = {"proposals": proposals} if DETECTORS[name].proposals else {}
     det.train()
-    losses = det(images, _targets(masks=DETECTORS[name].masks))
+    losses = det(images, _targets(masks=DETECTORS[name].masks), **extra)
     assert losses and all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in det.model.backbone.body.parameters())
     det.eval()
     with torch.no_grad():
-        out = det(images)
+        out = det(images, **extra)
     assert len(out) == 2
     for o in out:
         assert o["boxes"].shape[1:] == (4,) and len(o["scores"]) == len(o["labels"]) == len(o["boxes"])

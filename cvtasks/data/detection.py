@@ -10,10 +10,14 @@ Every sample is ``(image, target)``: ``image`` an UNNORMALISED float tensor CxHx
     iscrowd   Int64Tensor[N]      1 for a COCO crowd region; those appear only in val/test targets (COCO's
                                   evaluation ignores detections on them) and must not reach a loss
     area      FloatTensor[N]      the object's area (COCO's field, scaled with the image)
+    proposals FloatTensor[P, 4]   only when the data module has ``proposals=True`` (R-CNN, Fast R-CNN): selective
+                                  search's region proposals (xyxy, best ranked first), computed once per image
 
 A batch (``detection_collate``) is ``(list of images, list of targets)``. Boxes and masks move with
 the image through albumentations; an object whose box leaves the image or shrinks to nothing is
-dropped together with its mask and label (an index label field keeps them in step).
+dropped together with its mask and label (an index label field keeps them in step). Proposals ride
+in the same box list behind the objects (their index says which is which), so every flip, scale and
+crop moves them exactly as it moves the objects; predict images get theirs computed at predict time.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from .base import DrawnOnce, GeneratedScenes, SplitDataModule, read_image
+from ..detection.proposals import selective_search
+from .base import DrawnOnce, GeneratedScenes, ImageFolderPredictDataset, SplitDataModule, _predict_collate, read_image
 from .coco import CocoIndex, check_image_files, decode_segmentation, load_coco
 from .shapes import SHAPE_NAMES, render_scene
 
@@ -82,7 +87,7 @@ class DetectionSample:
 
     def __init__(self, image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, *, image_id: int,
                  masks: np.ndarray | None = None, area: np.ndarray | None = None,
-                 iscrowd: np.ndarray | None = None) -> None:
+                 iscrowd: np.ndarray | None = None, proposals: np.ndarray | None = None) -> None:
         n = len(labels)
         self.image = image
         self.boxes = np.asarray(boxes, dtype=np.float64).reshape(n, 4)
@@ -92,6 +97,8 @@ class DetectionSample:
         box_area = (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
         self.area = box_area if area is None else np.asarray(area, dtype=np.float64).reshape(n)
         self.iscrowd = np.zeros(n, np.int64) if iscrowd is None else np.asarray(iscrowd, dtype=np.int64).reshape(n)
+        #: region proposals (P, 4) xyxy, or None where the detector needs none
+        self.proposals = None if proposals is None else np.asarray(proposals, dtype=np.float64).reshape(-1, 4)
 
 
 def transform_sample(pipeline: Callable[..., dict] | None, sample: DetectionSample, *,
@@ -103,16 +110,24 @@ def transform_sample(pipeline: Callable[..., dict] | None, sample: DetectionSamp
     its full height), so training with masks uses this, as YOLOv5's segment2box does; eval keeps the
     annotated boxes, only scaled.
     """
-    image, boxes, masks = sample.image, sample.boxes, sample.masks
-    keep = np.arange(len(sample.labels))
+    image, boxes, masks, proposals = sample.image, sample.boxes, sample.masks, sample.proposals
+    n = len(sample.labels)
+    keep = np.arange(n)
     if pipeline is not None:
-        args: dict[str, Any] = {"image": image, "bboxes": boxes, "labels": sample.labels, "index": keep}
+        # proposals ride behind the objects in the one box list (index >= n, label -1): one transform moves both
+        extra = np.zeros((0, 4)) if proposals is None else proposals
+        args: dict[str, Any] = {"image": image, "bboxes": np.concatenate([boxes, extra]),
+                                "labels": np.concatenate([sample.labels, np.full(len(extra), -1)]),
+                                "index": np.arange(n + len(extra))}
         if masks is not None and len(keep):  # albumentations cannot stack an empty list of masks
             args["masks"] = masks
         out = pipeline(**args)
         image = out["image"]
-        keep = np.asarray(out["index"], dtype=np.int64).reshape(-1)
-        boxes = np.asarray(out["bboxes"], dtype=np.float64).reshape(-1, 4)
+        index = np.asarray(out["index"], dtype=np.int64).reshape(-1)
+        moved = np.asarray(out["bboxes"], dtype=np.float64).reshape(-1, 4)
+        keep, boxes = index[index < n], moved[index < n]
+        if proposals is not None:
+            proposals = moved[index >= n]
         if masks is not None:
             masks = np.asarray(out["masks"])[keep] if "masks" in out else np.zeros((0, *image.shape[:2]), np.uint8)
     if boxes_from_masks and masks is not None and len(keep):
@@ -135,6 +150,8 @@ def transform_sample(pipeline: Callable[..., dict] | None, sample: DetectionSamp
     }
     if masks is not None:
         target["masks"] = torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8))
+    if proposals is not None:
+        target["proposals"] = torch.as_tensor(proposals, dtype=torch.float32).reshape(-1, 4)
     return to_image_tensor(image), target
 
 
@@ -150,10 +167,12 @@ class _ShapesDetection(Dataset):
     """Scene i with every visible shape as an object (the same scenes as the other shapes tasks)."""
 
     def __init__(self, indices: list[int], size: int, seed: int, scene_args: dict[str, Any],
-                 min_object_pixels: int, with_masks: bool, train: bool, pipeline: Callable[..., dict] | None) -> None:
+                 min_object_pixels: int, with_masks: bool, train: bool, pipeline: Callable[..., dict] | None,
+                 proposals: bool = False) -> None:
         self.indices, self.size, self.seed, self.train = indices, size, seed, train
         self.scene_args = scene_args
         self.min_object_pixels, self.with_masks, self.pipeline = min_object_pixels, with_masks, pipeline
+        self.proposals = proposals
         #: scene ``indices[i]`` as arrays, before the transform (drawn once, then kept)
         self.sample: DrawnOnce[DetectionSample] = DrawnOnce(self._draw)
 
@@ -171,10 +190,26 @@ class _ShapesDetection(Dataset):
             scene.image, np.array([s.box for s in shapes], dtype=np.float64).reshape(-1, 4),
             np.array([s.kind for s in shapes], dtype=np.int64), image_id=idx,
             masks=masks if self.with_masks else None, area=masks.reshape(len(shapes), -1).sum(1).astype(np.float64),
+            # with the scene, so selective search runs once per scene, not once per epoch
+            proposals=selective_search(scene.image) if self.proposals else None,
         )
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Target]:
         return transform_sample(self.pipeline, self.sample(i), boxes_from_masks=self.train and self.with_masks)
+
+
+class _ProposalsPredictDataset(ImageFolderPredictDataset):
+    """A predict folder whose items also carry ``proposals``: selective search on the image as it is given."""
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        img = read_image(self.files[i])
+        return {"image": self.transform(img), "path": str(self.files[i]), "orig_size": img.shape[:2],
+                "proposals": torch.from_numpy(selective_search(img))}
+
+
+def _proposals_predict_collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The predict batch, plus the list of each image's proposals."""
+    return {**_predict_collate(items), "proposals": [it["proposals"] for it in items]}
 
 
 class _DetectionDataModule(SplitDataModule):
@@ -182,9 +217,12 @@ class _DetectionDataModule(SplitDataModule):
 
     collate_fn = staticmethod(detection_collate)
 
-    def __init__(self, *, with_masks: bool = False, **kwargs: Any) -> None:
+    def __init__(self, *, with_masks: bool = False, proposals: bool | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.with_masks = with_masks
+        #: every target (and predict item) carries selective search's ``proposals``; None, left for the CLI
+        #: to fill from the detector (on for R-CNN and Fast R-CNN), counts as off
+        self.proposals = bool(proposals)
 
     @property
     def category_ids(self) -> list[int]:
@@ -198,6 +236,17 @@ class _DetectionDataModule(SplitDataModule):
     def predict_transform(self, image: np.ndarray) -> torch.Tensor:
         """Predict images stay at their own size and unnormalised; the detectors resize and normalise."""
         return to_image_tensor(image)
+
+    def make_predict_dataset(self, folder: str) -> Dataset:
+        """The images of ``folder`` for predict, with their proposals when the detector reads them."""
+        return (_ProposalsPredictDataset if self.proposals else ImageFolderPredictDataset)(folder, self.predict_transform)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The predict images; with proposals, the batch carries them too (``batch["proposals"]``)."""
+        loader = super().predict_dataloader()
+        if not self.proposals:
+            return loader
+        return self._loader(loader.dataset, shuffle=False, collate=_proposals_predict_collate, evaluation=True)
 
 
 class ShapesDetectionDataModule(GeneratedScenes, _DetectionDataModule):
@@ -228,8 +277,8 @@ class ShapesDetectionDataModule(GeneratedScenes, _DetectionDataModule):
 
     def make_dataset(self, indices: list[int], stage: str) -> Dataset:
         """Scenes ``indices`` for ``stage``."""
-        return _ShapesDetection(indices, self.render_size, self.seed, self.scene_args,
-                                self.min_object_pixels, self.with_masks, stage == "fit", self.pipeline(stage))
+        return _ShapesDetection(indices, self.render_size, self.seed, self.scene_args, self.min_object_pixels,
+                                self.with_masks, stage == "fit", self.pipeline(stage), self.proposals)
 
 
 # -- COCO folders --------------------------------------------------------------------------------
@@ -238,9 +287,15 @@ class _CocoDetection(Dataset):
     """Images of a COCO file; crowd regions are left out of training targets and kept (iscrowd=1) for eval."""
 
     def __init__(self, index: CocoIndex, rows: list[int], images_dir: Path, with_masks: bool, train: bool,
-                 pipeline: Callable[..., dict] | None) -> None:
+                 pipeline: Callable[..., dict] | None, proposals: bool = False) -> None:
         self.index, self.rows, self.images_dir = index, rows, images_dir
         self.with_masks, self.train, self.pipeline = with_masks, train, pipeline
+        #: image ``rows[i]``'s proposals, computed on first use and kept (selective search costs more than decoding)
+        self.proposals: DrawnOnce[np.ndarray] | None = DrawnOnce(self._propose) if proposals else None
+
+    def _propose(self, i: int) -> np.ndarray:
+        """Selective search on image ``rows[i]``."""
+        return selective_search(read_image(self.images_dir / self.index.images[self.rows[i]].file_name))
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -264,6 +319,7 @@ class _CocoDetection(Dataset):
             image, np.array([o.box for o in objs], dtype=np.float64).reshape(-1, 4),
             np.array([o.label for o in objs], dtype=np.int64), image_id=info.id, masks=masks,
             area=np.array([o.area for o in objs], dtype=np.float64), iscrowd=np.array([o.iscrowd for o in objs]),
+            proposals=None if self.proposals is None else self.proposals(i),
         )
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Target]:
@@ -328,4 +384,4 @@ class COCODetectionDataModule(_DetectionDataModule):
     def make_dataset(self, indices: list[int], stage: str) -> Dataset:
         """Images ``indices`` of the file for ``stage``; crowd regions only in val/test targets."""
         return _CocoDetection(self.index, indices, self.images_dir, self.with_masks, train=stage == "fit",
-                              pipeline=self.pipeline(stage))
+                              pipeline=self.pipeline(stage), proposals=self.proposals)

@@ -8,7 +8,9 @@ in their own files:
   with an FPN (Lin et al., CVPR 2017) and the RoI poolers of :mod:`.poolers`;
 - :mod:`.dense`: RetinaNet (Lin et al., ICCV 2017), FCOS (Tian et al., ICCV 2019), SSD (Liu et
   al., ECCV 2016);
-- :mod:`.yolo`: our YOLOX-style detector (Ge et al., arXiv:2107.08430).
+- :mod:`.yolo`: our YOLOX-style detector (Ge et al., arXiv:2107.08430);
+- :mod:`.fast_rcnn`: R-CNN (Girshick et al., CVPR 2014) and Fast R-CNN (Girshick, ICCV 2015) on
+  selective search's proposals (:mod:`.proposals`), which the data gives them (``proposals=True``).
 
 A new detector (CornerNet, R-FCN, ...) is a new file with a builder (and a neck where the
 pyramids of :mod:`.neck` do not fit) plus one line in :data:`DETECTORS`.
@@ -36,7 +38,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..backbone import Backbone
 from ..registry import create_backbone
-from . import dense, rcnn
+from . import dense, fast_rcnn, rcnn
 from .anchors import anchor_sizes
 from .dense import SSDFeatures
 from .neck import fpn_neck
@@ -74,6 +76,7 @@ class DetectorSpec:
     min_stride: int  # finest backbone level used (build_detector's min_stride overrides it)
     label_offset: int  # 1 where class 0 is background (softmax heads), else 0
     masks: bool = False  # predicts instance masks: InstanceSegmentationTask's detectors
+    proposals: bool = False  # classifies external region proposals: each image's come in with it (R-CNN, Fast R-CNN)
 
 
 # One line per detector; `make help` reads the names from these lines. The necks start at stride 4
@@ -85,6 +88,8 @@ DETECTORS: dict[str, DetectorSpec] = {
     "fcos": DetectorSpec(dense.fcos, fpn_neck("p6p7"), min_stride=8, label_offset=0),
     "ssd": DetectorSpec(dense.ssd, dense.ssd_features, min_stride=8, label_offset=1),
     "yolo": DetectorSpec(YOLODetector, fpn_neck("none"), min_stride=8, label_offset=0),
+    "fast_rcnn": DetectorSpec(fast_rcnn.fast_rcnn, fpn_neck("none"), min_stride=4, label_offset=1, proposals=True),
+    "rcnn": DetectorSpec(fast_rcnn.rcnn, fast_rcnn.crop_features, min_stride=4, label_offset=1, proposals=True),
 }
 
 # what build_detector fills itself: never a detector_kwargs key
@@ -162,16 +167,19 @@ class Detector(nn.Module):
     ``forward(images, targets)`` returns the dict of losses in training and, in eval mode, a list
     of dicts (boxes xyxy in the input images' pixels, scores, labels 0-based, and masks (N,1,H,W)
     probabilities for Mask R-CNN). Targets' boxes without area (x2 <= x1 or y2 <= y1, which
-    torchvision rejects) are dropped with their labels and masks.
+    torchvision rejects) are dropped with their labels and masks. A detector with ``proposals``
+    also takes ``proposals=``, one (P, 4) xyxy tensor per image in the images' pixels; the others ignore it.
     """
 
-    def __init__(self, name: str, model: nn.Module, num_classes: int, label_offset: int, masks: bool) -> None:
+    def __init__(self, name: str, model: nn.Module, num_classes: int, label_offset: int, masks: bool,
+                 proposals: bool = False) -> None:
         super().__init__()
         self.name = name
         self.model = model
         self.num_classes = num_classes
         self.label_offset = label_offset
         self.masks = masks
+        self.proposals = proposals
 
     def _prepare(self, targets: list[dict[str, Any]]) -> list[dict[str, Tensor]]:
         out = []
@@ -194,13 +202,28 @@ class Detector(nn.Module):
             out.append(item)
         return out
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Any]] | None = None) -> Any:
+    def _proposals(self, images: list[Tensor], proposals: list[Any] | None) -> dict[str, Any]:
+        """``{"proposals": [...]}`` for a detector that reads them (checked: one per image), else nothing."""
+        if not self.proposals:
+            return {}
+        if proposals is None:
+            raise ValueError(
+                f"{self.name} classifies region proposals, and none were given: pass proposals= (one (P, 4) xyxy tensor "
+                f"per image), or use a data module with proposals=True (the CLI turns it on for {self.name})"
+            )
+        if len(proposals) != len(images):
+            raise ValueError(f"{self.name} got {len(proposals)} proposal lists for {len(images)} images; give one per image")
+        return {"proposals": [torch.as_tensor(p, dtype=torch.float32).reshape(-1, 4) for p in proposals]}
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Any]] | None = None,
+                proposals: list[Any] | None = None) -> Any:
         """Losses (training, with targets) or detections with 0-based labels (eval)."""
+        extra = self._proposals(list(images), proposals)
         if self.training:
             if targets is None:
                 raise ValueError(f"{self.name} in training mode needs targets (list of dicts with boxes, labels)")
-            return self.model(list(images), self._prepare(targets))
-        outputs = self.model(list(images))
+            return self.model(list(images), self._prepare(targets), **extra)
+        outputs = self.model(list(images), **extra)
         if self.label_offset:
             outputs = [{**o, "labels": o["labels"] - self.label_offset} for o in outputs]
         return outputs
@@ -211,7 +234,7 @@ def build_detector(
     backbone: str | Backbone,
     num_classes: int,
     *,
-    roi: str = "align",
+    roi: str | None = None,
     min_size: int = 128,
     max_size: int | None = None,
     backbone_kwargs: dict[str, Any] | None = None,
@@ -227,7 +250,8 @@ def build_detector(
     """Build detector ``name`` (see DETECTORS) on a registry backbone (a name or a built Backbone).
 
     ``num_classes`` counts object classes only (no background). ``roi`` picks RoIAlign or RoIPool
-    for the two-stage detectors (the others ignore it). ``min_size``/``max_size`` are
+    for the two-stage detectors (the others ignore it; None leaves each its default: RoIAlign, RoIPool
+    for Fast R-CNN as in its paper). ``min_size``/``max_size`` are
     GeneralizedRCNNTransform's resize bounds: set them to the data's image size so nothing is
     resized needlessly (``max_size`` defaults to ``min_size * 1333 / 800``, torchvision's ratio).
     ``strides`` / ``min_stride`` pick the backbone levels (``min_stride`` defaults from DETECTORS).
@@ -243,7 +267,8 @@ def build_detector(
     ``score_thresh``, ...); :func:`detector_keywords` lists them, and any other is a ValueError.
     """
     spec = _detector_spec(name)
-    check_roi(roi)
+    if roi is not None:
+        check_roi(roi)
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1 (object classes, no background), got {num_classes}")
     groups = _keyword_groups(spec)
@@ -275,7 +300,7 @@ def build_detector(
     model = spec.build(
         neck, num_classes, min_size=min_size,
         max_size=max_size if max_size is not None else max(min_size, round(min_size * 1333 / 800)),
-        image_mean=list(image_mean), image_std=list(image_std), **_declared(spec.build, {"roi": roi}),
+        image_mean=list(image_mean), image_std=list(image_std), **_declared(spec.build, {} if roi is None else {"roi": roi}),
         **{k: v for k, v in detector_kwargs.items() if k not in neck_keys},
     )
-    return Detector(name, model, num_classes, spec.label_offset, spec.masks)
+    return Detector(name, model, num_classes, spec.label_offset, spec.masks, spec.proposals)

@@ -3,7 +3,9 @@
 Batches are ``(images, targets)``: images a list of float CxHxW tensors in [0, 1] (unnormalised:
 the detectors normalise inside), targets a list of dicts with ``boxes`` (xyxy, absolute pixels),
 ``labels`` (0-based), ``image_id`` and, for instance segmentation, ``masks`` (uint8 NxHxW);
-``iscrowd``/``area`` when the data has them (COCO's evaluation uses both).
+``iscrowd``/``area`` when the data has them (COCO's evaluation uses both), and ``proposals`` (one
+(P, 4) xyxy tensor per image) for the detectors that classify region proposals (R-CNN, Fast R-CNN):
+the task hands them to the model in training, evaluation and predict alike.
 
 Both tasks log ``train/loss`` (and each detector loss), and at the end of each validation/test
 epoch COCO's box figures from torchmetrics' MeanAveragePrecision (faster_coco_eval backend):
@@ -41,7 +43,7 @@ class DetectionTask(BaseTask):
 
     ``detector``: a name from the detector table (``cvtasks.detection.DETECTORS``, ``make help``
     lists them); this task takes those without masks. ``roi``: align (RoIAlign) or pool (RoIPool)
-    for the two-stage detectors. ``min_size``/``max_size``: the detector's resize bounds (set to the
+    for the two-stage detectors; None leaves the detector's own (RoIPool for Fast R-CNN, else RoIAlign). ``min_size``/``max_size``: the detector's resize bounds (set to the
     data's image size so nothing is resized; the CLI does so where the config leaves them null).
     ``neck_channels``: width of the feature pyramid (None: 128, or what a pretrained preset needs).
     ``detector_kwargs``: the detector's own keywords (``detector_keywords(detector)`` lists them:
@@ -62,7 +64,7 @@ class DetectionTask(BaseTask):
         self,
         *,
         detector: str = "faster_rcnn",
-        roi: str = "align",
+        roi: str | None = None,
         min_size: int | None = 128,
         max_size: int | None = None,
         neck_channels: int | None = None,
@@ -110,8 +112,23 @@ class DetectionTask(BaseTask):
             for s in ("val", "test")
         })
 
-    def forward(self, images: Sequence[Tensor], targets: Sequence[dict[str, Any]] | None = None) -> Any:
-        return self.model(list(images), None if targets is None else list(targets))
+    def forward(self, images: Sequence[Tensor], targets: Sequence[dict[str, Any]] | None = None,
+                proposals: Sequence[Tensor] | None = None) -> Any:
+        return self.model(list(images), None if targets is None else list(targets),
+                          None if proposals is None else list(proposals))
+
+    def _proposals(self, targets: Sequence[dict[str, Any]]) -> dict[str, list[Tensor]]:
+        """``{"proposals": the targets'}`` for a detector that reads them, nothing for the others; missing ones name the fix."""
+        if not self.model.proposals:
+            return {}
+        missing = [t.get("image_id") for t in targets if "proposals" not in t]
+        if missing:
+            raise ValueError(
+                f"detector {self.model.name!r} classifies region proposals, but the targets of images {missing} have "
+                f"none: build the data module with proposals=True (--data.proposals true; the CLI sets it for this "
+                f"detector when the config leaves it null)"
+            )
+        return {"proposals": [t["proposals"] for t in targets]}
 
     # -- steps ---------------------------------------------------------------------------------
     def _train_targets(self, targets: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -127,7 +144,7 @@ class DetectionTask(BaseTask):
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch
-        losses = self.model(list(images), self._train_targets(targets))
+        losses = self.model(list(images), self._train_targets(targets), **self._proposals(targets))
         loss = torch.stack(list(losses.values())).sum()
         self.check_finite(loss, [t.get("image_id") for t in targets])
         bs = len(images)
@@ -153,7 +170,7 @@ class DetectionTask(BaseTask):
 
     def _eval_step(self, batch: Batch, batch_idx: int, stage: str) -> None:
         images, targets = batch
-        preds = self.model(list(images))
+        preds = self.model(list(images), **self._proposals(targets))
         self.metrics[f"{stage}_map"].update(*self._metric_inputs(preds, targets))
         if stage == "val" and self.should_log_images(batch_idx):
             self._log_samples(images, preds, targets)
@@ -214,7 +231,10 @@ class DetectionTask(BaseTask):
     # -- predict ---------------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
         images = batch["image"]
-        preds = self.model(list(images))
+        if self.model.proposals and "proposals" not in batch:
+            raise ValueError(f"detector {self.model.name!r} classifies region proposals, but the predict batch has none: "
+                             f"build the data module with proposals=True (--data.proposals true)")
+        preds = self.model(list(images), **({"proposals": batch["proposals"]} if self.model.proposals else {}))
         records = []
         for path, p in zip(batch["path"], preds):
             rec: dict[str, Any] = {"path": path, "boxes": p["boxes"].cpu(), "scores": p["scores"].cpu(),
