@@ -1,15 +1,19 @@
 """`make bench`: both benchmarks in one run, each a ratio measured side by side.
 
     python -m benchmarks [backbones|lightning] [their options]
+    python -m benchmarks baseline <folder> | digits-folder <out>   (classical baselines; see benchmarks/baseline.py)
 """
 
 import sys
 
-from . import backbones, lightning_loop
+from . import backbones, baseline, lightning_loop
 
 
 def main() -> None:
     args = sys.argv[1:]
+    if args and args[0] in baseline.COMMANDS:  # a user's folder, not a side-by-side timing: never part of the default run
+        baseline.COMMANDS[args[0]](args[1:])
+        return
     which = args[0] if args and args[0] in ("backbones", "lightning") else None
     rest = args[1:] if which else args
     if which in (None, "lightning"):
