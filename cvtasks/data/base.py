@@ -205,6 +205,10 @@ class SplitDataModule(LightningDataModule):
     ``mean``/``std`` normalise the images every split (and predict) gives the model: None is
     ImageNet's; a backbone's own are ``backbone_normalization(name)`` (its spec). Detection modules
     keep images in [0, 1], as their models normalise inside, and leave them unused.
+
+    ``img_size`` is pixels per side, or ``auto`` for modules that read image files: their median
+    longer side on a multiple of ``img_size_step``, within ``img_size_min``..``img_size_max``
+    (see ``auto_image_size``; the CLI links the step and the minimum from the backbone's spec).
     """
 
     collate_fn: Callable[[list[Any]], Any] | None = None
