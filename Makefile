@@ -13,6 +13,7 @@ DATA       ?=
 EPOCHS     ?=
 BATCH      ?=
 IMG        ?=
+AUG        ?=
 DEVICES    ?=
 STRATEGY   ?=
 PRECISION  ?=
@@ -54,15 +55,16 @@ CLI_ARGS = --config configs/$(TASK).yaml \
 	$(if $(DETECTOR),--model.detector $(DETECTOR)) \
 	$(if $(ROI),--model.roi $(ROI)) \
 	$(if $(PRETRAINED),--model.pretrained $(PRETRAINED)) \
-	$(if $(EPOCHS),--trainer.max_epochs $(EPOCHS)) \
+	$(if $(EPOCHS),--trainer.max_epochs $(EPOCHS) --train_steps null) \
 	$(if $(BATCH),--data.batch_size $(BATCH)) \
 	$(if $(IMG),--data.img_size $(IMG)) \
+	$(if $(AUG),--data.augmentation $(AUG)) \
 	$(if $(DEVICES),--trainer.devices $(DEVICES)) \
 	$(if $(STRATEGY),--trainer.strategy $(STRATEGY)) \
 	$(if $(PRECISION),--trainer.precision $(PRECISION)) \
 	$(if $(RUN),--run_name $(RUN))
 
-.PHONY: help setup lock check-task train evaluate predict export resume backbones weights summary cv compare search check-backbone test test-fast bench docs clean
+.PHONY: help setup lock check-task train evaluate predict export resume backbones weights summary cv compare search check-backbone test test-fast baseline bench docs clean
 
 help: ## show this help: targets, then variables with their defaults
 	@echo "Targets:"
@@ -72,9 +74,10 @@ help: ## show this help: targets, then variables with their defaults
 	@echo "  TASK=$(TASK)       one of: $(TASKS)"
 	@echo "  BACKBONE=$(BACKBONE)       any registered name (make backbones), or timm/<model>"
 	@echo "  DATA=              a folder of real data (classification: one sub-folder per class; segmentation: VOC layout; detection: COCO json + images)"
-	@echo "  EPOCHS=            training epochs (default: the task config's)"
+	@echo "  EPOCHS=            training epochs, exactly (default: the task config's; with DATA=, the epochs that reach its train_steps)"
 	@echo "  BATCH=             batch size per device (default: the task config's)"
-	@echo "  IMG=               image size in pixels (default: the task config's; make summary: 224)"
+	@echo "  IMG=               image size in pixels (default: the task config's; with DATA=, auto: the images' median longer side; make summary: 224)"
+	@echo "  AUG=               augmentation preset with DATA= (classification: safe | natural | documents | aerial | none; others: natural | safe | aerial | none)"
 	@echo "  DEVICES=           devices per node, e.g. 2 (with STRATEGY=ddp)"
 	@echo "  STRATEGY=          auto | ddp | ddp_spawn | ..."
 	@echo "  PRECISION=         32-true | 16-mixed | bf16-mixed"
@@ -171,6 +174,10 @@ test: $(STAMP) ## run the whole test suite (heavier tests included), in TEST_JOB
 
 test-fast: $(STAMP) ## run the tests not marked slow
 	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadgroup -m "not slow" $(PYTEST_ARGS)
+
+baseline: $(STAMP) ## classical baselines a CNN must beat on DATA= (SVM, logistic regression on pixels; same split as make train)
+	@test -n "$(DATA)" || { echo "error: make baseline needs DATA=<folder with one sub-folder of images per class>" >&2; exit 2; }
+	$(PY) -m benchmarks baseline $(DATA) $(ARGS)
 
 bench: $(STAMP) ## side-by-side benchmarks: native backbones vs reference, Lightning vs a plain loop, the data path, R-CNN vs Fast/Faster R-CNN (python -m benchmarks throughput: GPU)
 	$(PY) -m benchmarks $(ARGS)

@@ -2,15 +2,19 @@
 
     python -m benchmarks [backbones|lightning|data|rcnn] [their options]
     python -m benchmarks throughput --device cuda      (not in the default run: it needs a GPU)
+    python -m benchmarks baseline <folder> | digits-folder <out>   (classical baselines; see benchmarks/baseline.py)
 """
 
 import sys
 
-from . import backbones, data, lightning_loop, rcnn, throughput
+from . import backbones, baseline, data, lightning_loop, rcnn, throughput
 
 
 def main() -> None:
     args = sys.argv[1:]
+    if args and args[0] in baseline.COMMANDS:  # a user's folder, not a side-by-side timing: never part of the default run
+        baseline.COMMANDS[args[0]](args[1:])
+        return
     if args and args[0] == "throughput":
         throughput.main(args[1:])
         return

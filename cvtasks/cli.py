@@ -8,17 +8,20 @@ task's own prediction writer (``cvtasks/writers.py``).
 from __future__ import annotations
 
 import contextlib
+import importlib
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from lightning import Callback, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
 
 from .backbone import backbone_normalization
 from .callbacks import RunConfigSaver, StepCheckpoint
-from .data.base import SplitDataModule
+from .data.base import AUTO_SIZE, SplitDataModule
 from .registry import get_backbone_entry
 from .runs import RunFolder, metrics_table, slug
 from .tasks.base import BaseTask
@@ -45,6 +48,45 @@ def _backbone_std(backbone: str) -> list[float]:
     return list(backbone_normalization(backbone).std)
 
 
+def _backbone_stride(backbone: str) -> int:
+    """The coarsest stride of ``backbone`` (img_size auto picks a multiple of it)."""
+    return get_backbone_entry(backbone).spec.native_stride
+
+
+def _backbone_min_size(backbone: str) -> int:
+    """The smallest input side ``backbone`` is meant for (img_size auto picks no less)."""
+    return get_backbone_entry(backbone).spec.min_input_size
+
+
+def steps_per_epoch(train_items: int, batch_size: int, world_size: int = 1, accumulate: int = 1,
+                    limit_batches: int | float = 1.0) -> int:
+    """Optimiser steps in one epoch: each process's share of the items (padded to equal, as DDP does) in batches.
+
+    ``limit_batches`` is the Trainer's ``limit_train_batches`` (a count, or a fraction of the batches).
+    """
+    batches = math.ceil(math.ceil(train_items / max(1, world_size)) / batch_size)
+    batches = min(batches, limit_batches) if isinstance(limit_batches, int) else int(batches * limit_batches)
+    return max(1, math.ceil(batches / max(1, accumulate)))
+
+
+def epochs_for_steps(train_steps: int, epoch_steps: int, max_epochs: int | None) -> int:
+    """The whole epochs that reach ``train_steps`` optimiser steps: at least one, at most ``max_epochs``.
+
+    A small folder runs many epochs to get its steps; a large one runs the one epoch that holds them,
+    not a fixed count of epochs multiplied by its size; a tiny one stops at ``max_epochs``.
+    """
+    if train_steps < 1:
+        raise ValueError(f"train_steps must be a positive number of optimiser steps (or null for trainer.max_epochs), got {train_steps}")
+    epochs = max(1, math.ceil(train_steps / max(1, epoch_steps)))
+    return epochs if max_epochs is None or max_epochs < 0 else min(epochs, max(1, max_epochs))
+
+
+@rank_zero_only
+def _announce(lines: list[str]) -> None:
+    """Print what a fit will do, once (rank zero), before it starts."""
+    print("\n".join(f"cvtasks: {line}" for line in lines), flush=True)
+
+
 class CvtasksCLI(LightningCLI):
     """LightningCLI with run folders, early name checks, final evaluation and metrics.json."""
 
@@ -69,11 +111,20 @@ class CvtasksCLI(LightningCLI):
         parser.add_argument("--group", type=str | None, default=None,
                             help="a name shared by related runs, e.g. the folds of a cv run (the W&B group)")
         parser.add_argument("--predict_out", type=str | None, default=None, help="predict's output folder (default: runs/<run>/predictions)")
+        parser.add_argument("--train_steps", type=int | None, default=None,
+                            help="size fit by optimiser steps: the whole epochs that reach this many, at most "
+                                 "trainer.max_epochs (null: trainer.max_epochs epochs; the folder configs set it)")
+        parser.add_argument("--early_stopping_patience", type=int | None, default=None,
+                            help="stop fit when the task's monitored metric (val/acc, val/miou, val/map) has not "
+                                 "improved for this many validation checks (null: never)")
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
         # the data normalises as the backbone's published weights expect (its spec), for every stage
         parser.link_arguments("model.init_args.backbone", "data.init_args.mean", compute_fn=_backbone_mean, apply_on="parse")
         parser.link_arguments("model.init_args.backbone", "data.init_args.std", compute_fn=_backbone_std, apply_on="parse")
+        # img_size auto: a multiple of the backbone's stride, no smaller than its smallest input
+        parser.link_arguments("model.init_args.backbone", "data.init_args.img_size_step", compute_fn=_backbone_stride, apply_on="parse")
+        parser.link_arguments("model.init_args.backbone", "data.init_args.img_size_min", compute_fn=_backbone_min_size, apply_on="parse")
 
     # -- a run's config wins over its checkpoint's saved hyperparameters -------------------------
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -113,6 +164,10 @@ class CvtasksCLI(LightningCLI):
             cfg.ckpt_path = self._held_ckpt_path
         model_args = cfg.model.init_args
         get_backbone_entry(model_args.backbone)  # an unknown name stops here, before any data is built
+        for name in ("train_steps", "early_stopping_patience"):
+            if cfg.get(name) is not None and cfg[name] < 1:
+                raise ValueError(f"{name} must be at least 1 (or null for none), got {cfg[name]}")
+        self._resolve_auto_image_size(cfg)
         self._follow_image_size(cfg)
         self._follow_detector(cfg)
         ckpt = cfg.get("ckpt_path")
@@ -126,6 +181,22 @@ class CvtasksCLI(LightningCLI):
         self.run = RunFolder.new(run_name, cfg.runs_dir)
         cfg.trainer.default_root_dir = str(self.run.root)
         self._configure_loggers(cfg)
+
+    def _resolve_auto_image_size(self, cfg: Any) -> None:
+        """img_size ``auto`` becomes the number the data module chooses from its images, in the config itself.
+
+        The model may depend on it (a detector's min_size follows it) and config.yaml keeps the number,
+        so resume, evaluate and predict use the size the run trained at. The data module is built once
+        here to measure its images, then again, with the number, by the CLI.
+        """
+        self._img_size_note = "given"
+        data = cfg.get("data")
+        if not data or not data.get("init_args") or data.init_args.get("img_size") != AUTO_SIZE:
+            return
+        module, _, name = data.class_path.rpartition(".")
+        measured = getattr(importlib.import_module(module), name)(**data.init_args.as_dict())
+        data.init_args.img_size = measured.img_size
+        self._img_size_note = measured.img_size_note
 
     @staticmethod
     def _follow_image_size(cfg: Any) -> None:
@@ -207,12 +278,43 @@ class CvtasksCLI(LightningCLI):
             callbacks.append(StepCheckpoint(self.run, cfg.checkpoint_every_n_steps))
             # the subcommand's own parser (Lightning's SaveConfigCallback is given the same one)
             callbacks.append(RunConfigSaver(self._parser(self.subcommand), cfg, run=self.run))
+            if cfg.early_stopping_patience is not None:
+                callbacks.append(EarlyStopping(monitor=model.monitor, mode=model.monitor_mode, patience=cfg.early_stopping_patience))
         if self.subcommand == "predict":
             task: BaseTask = self.model  # the task says how its predictions are written
             callbacks.append(task.prediction_writer(Path(cfg.predict_out) if cfg.predict_out else self.run.predictions_dir))
         configured = self.config_init[self.subcommand]["trainer"].get("callbacks")
         configured = [] if configured is None else list(configured) if isinstance(configured, (list, tuple)) else [configured]
-        return super().instantiate_trainer(**{"callbacks": [*configured, *callbacks], **kwargs})
+        trainer = super().instantiate_trainer(**{"callbacks": [*configured, *callbacks], **kwargs})
+        if self.subcommand == "fit":
+            self._size_fit(trainer, cfg)
+        return trainer
+
+    def _size_fit(self, trainer: Trainer, cfg: Any) -> None:
+        """With ``train_steps``, set the epochs that reach it; then say what the fit will do, before it starts."""
+        data: SplitDataModule = self.datamodule
+        model: BaseTask = self.model
+        train, val, test = data.assign_splits()
+        epoch_steps = steps_per_epoch(len(train), data.batch_size, trainer.world_size, trainer.accumulate_grad_batches,
+                                      trainer.limit_train_batches)
+        if cfg.train_steps is not None:
+            # the schedule (warm-up, cosine) reads trainer.max_epochs when the optimiser is configured, after this
+            cap = trainer.max_epochs
+            trainer.fit_loop.max_epochs = epochs_for_steps(cfg.train_steps, epoch_steps, cap)
+            sizing = f"train_steps {cfg.train_steps}, at most {cap} epochs"
+        else:
+            sizing = "trainer.max_epochs; --train_steps N sizes it by steps"
+        epochs = trainer.max_epochs
+        patience = cfg.early_stopping_patience
+        stopping = (f"; stops when {model.monitor} has not improved for {patience} epoch{'s' if patience != 1 else ''}"
+                    if patience is not None else "")
+        _announce([
+            f"data: {len(train)} train / {len(val)} val / {len(test)} test items, {data.num_classes} classes",
+            f"img_size {data.img_size} ({self._img_size_note}; IMG= or --data.img_size sets it)",
+            f"augmentation {data.augmentation_summary()}",
+            f"fit: {epochs} epochs x {epoch_steps} steps = {epochs * epoch_steps} steps (batch {data.batch_size}; "
+            f"{sizing}){stopping}",
+        ])
 
     # -- after fit: one evaluation of the best checkpoint, on every process of the fit -----------
     def after_fit(self) -> None:

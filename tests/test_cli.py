@@ -104,9 +104,9 @@ def test_make_rejects_unknown_task_and_missing_data():
 def test_make_help_lists_variables_with_defaults():
     out = _make(["help"]).stdout
     for var in ("TASK=classification", "BACKBONE=resnet18", "DATA=", "EPOCHS=", "BATCH=", "IMG=", "DEVICES=",
-                "STRATEGY=", "PRECISION=", "LOGGER=wandb", "RUN=", "ARGS="):
+                "STRATEGY=", "PRECISION=", "LOGGER=wandb", "RUN=", "ARGS=", "AUG="):
         assert var in out
-    for target in ("train", "test", "resume", "backbones", "check-backbone", "bench"):
+    for target in ("train", "test", "resume", "backbones", "check-backbone", "bench", "baseline"):
         assert f"make {target}" in out
 
 

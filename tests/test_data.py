@@ -118,8 +118,10 @@ def test_image_folder_errors(tmp_path):
         ImageFolderDataModule(root=str(tmp_path / "empty"))
     root = _folder(tmp_path / "bad")
     (root / "dog" / "broken.png").write_bytes(b"not a png at all")
-    dm = ImageFolderDataModule(root=str(root))
-    with pytest.raises(ValueError, match="broken.png"):
+    with pytest.raises(ValueError, match="broken.png"):  # img_size auto reads the headers when the module is built
+        ImageFolderDataModule(root=str(root))
+    dm = ImageFolderDataModule(root=str(root), img_size=32)
+    with pytest.raises(ValueError, match="broken.png"):  # a given size: every image is checked before training
         dm.setup("fit")
 
 
@@ -202,7 +204,8 @@ def test_augmentation_is_chosen_by_name(tmp_path):
     dm = ShapesDataModule(num_samples=6, img_size=32, augmentation="alexnet")
     dm.setup("fit")
     assert dm._datasets["fit"][0][0].shape == (3, 32, 32)
-    with pytest.raises(ValueError, match=r"unknown augmentation 'alex'; choose one of \['alexnet', 'shapes'\]"):
+    with pytest.raises(ValueError, match=r"unknown augmentation 'alex'; choose one of \['aerial', 'alexnet', 'digits', "
+                                          r"'documents', 'natural', 'none', 'safe', 'shapes'\]"):
         ShapesDataModule(num_samples=6, augmentation="alex")
     with pytest.raises(ValueError, match="unknown augmentation"):
         ImageFolderDataModule(root=str(_folder(tmp_path / "d")), augmentation="flip")

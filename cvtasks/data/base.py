@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import statistics
 from pathlib import Path
-from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterator, Literal, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -15,7 +16,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from ..backbone import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
+    "AUTO_SIZE",
     "IMAGE_EXTENSIONS",
+    "auto_image_size",
+    "check_img_size",
+    "header_sizes",
     "SplitDataModule",
     "GeneratedScenes",
     "split_indices",
@@ -27,6 +32,12 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+#: the img_size that asks for a size chosen from the images themselves (their median longer side)
+AUTO_SIZE = "auto"
+
+#: img_size auto reads the headers of at most this many images, evenly spread over the data
+SIZE_SAMPLE = 1000
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -58,6 +69,44 @@ def normalise(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Seq
     m = torch.tensor(mean).view(-1, 1, 1)
     s = torch.tensor(std).view(-1, 1, 1)
     return (x - m) / s
+
+
+def check_img_size(img_size: Any) -> int | str:
+    """``img_size`` if it is ``auto`` or a whole number of pixels >= 16, else a ValueError naming it and the fix."""
+    if img_size == AUTO_SIZE or (isinstance(img_size, int) and not isinstance(img_size, bool) and img_size >= 16):
+        return img_size
+    raise ValueError(f"img_size must be a whole number of pixels >= 16, or 'auto' (the images' median longer side, "
+                     f"for data read from files), got {img_size!r}")
+
+
+def auto_image_size(longer_sides: Sequence[int], step: int, minimum: int, maximum: int) -> int:
+    """The median of ``longer_sides`` rounded to a multiple of ``step``, kept within [minimum, maximum].
+
+    The bounds are moved onto the multiples of ``step`` too (minimum up, maximum down, never below
+    one step), so the result always is one: a net whose coarsest stride is ``step`` then sees no
+    partial cells, and a detector pads nothing.
+    """
+    if not longer_sides:
+        raise ValueError("img_size auto found no image to measure; give img_size in pixels (IMG=...)")
+    if step < 1 or minimum < 1 or maximum < 1:
+        raise ValueError(f"img_size_step, img_size_min and img_size_max must be positive, got {step}, {minimum}, {maximum}")
+    low = -(-minimum // step) * step
+    high = max(step, maximum // step * step)
+    rounded = int(statistics.median(longer_sides) / step + 0.5) * step
+    return max(low, min(high, rounded))  # the backbone's smallest input wins over the cap
+
+
+def header_sizes(paths: Sequence[str | Path], limit: int = SIZE_SAMPLE) -> list[tuple[int, int]]:
+    """(height, width) of up to ``limit`` of ``paths``, evenly spread, from their headers (no pixel is decoded)."""
+    chosen = [paths[round(i * (len(paths) - 1) / max(1, limit - 1))] for i in range(limit)] if len(paths) > limit else list(paths)
+    sizes = []
+    for path in chosen:
+        try:
+            with Image.open(path) as im:
+                sizes.append((im.height, im.width))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"cannot read image {str(path)!r} ({exc}); remove or replace the file") from exc
+    return sizes
 
 
 def _channel_values(name: str, values: Sequence[float], positive: bool) -> tuple[float, ...]:
@@ -156,6 +205,10 @@ class SplitDataModule(LightningDataModule):
     ``mean``/``std`` normalise the images every split (and predict) gives the model: None is
     ImageNet's; a backbone's own are ``backbone_normalization(name)`` (its spec). Detection modules
     keep images in [0, 1], as their models normalise inside, and leave them unused.
+
+    ``img_size`` is pixels per side, or ``auto`` for modules that read image files: their median
+    longer side on a multiple of ``img_size_step``, within ``img_size_min``..``img_size_max``
+    (see ``auto_image_size``; the CLI links the step and the minimum from the backbone's spec).
     """
 
     collate_fn: Callable[[list[Any]], Any] | None = None
@@ -165,7 +218,10 @@ class SplitDataModule(LightningDataModule):
         *,
         batch_size: int = 16,
         num_workers: int | str = "auto",
-        img_size: int = 128,
+        img_size: int | Literal["auto"] = 128,
+        img_size_step: int = 32,
+        img_size_min: int = 32,
+        img_size_max: int = 512,
         split: tuple[float, float, float] = (0.7, 0.15, 0.15),
         num_folds: int | None = None,
         fold: int = 0,
@@ -180,12 +236,19 @@ class SplitDataModule(LightningDataModule):
         self.std = _channel_values("std", IMAGENET_STD if std is None else std, positive=True)
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        if img_size < 16:
-            raise ValueError(f"img_size must be at least 16 pixels, got {img_size}")
+        if check_img_size(img_size) == AUTO_SIZE and type(self).image_sizes is SplitDataModule.image_sizes:
+            raise ValueError(f"img_size auto measures image files, and {type(self).__name__} reads none; "
+                             f"give img_size in pixels (IMG=...)")
         self.batch_size = batch_size
         #: loader worker processes: a number or ``auto`` (resolved per loader: CPUs per device minus one)
         self.num_workers = check_num_workers(num_workers)
-        self.img_size = img_size
+        #: pixels per side; ``auto`` until the subclass has listed its files and calls resolve_img_size()
+        self.img_size: Any = img_size
+        # img_size auto: a multiple of the backbone's coarsest stride, at least its smallest input (both
+        # linked from the backbone by the CLI), at most img_size_max
+        self.img_size_step, self.img_size_min, self.img_size_max = img_size_step, img_size_min, img_size_max
+        #: how img_size was chosen, in words (printed when a fit starts)
+        self.img_size_note = "given"
         self.split = tuple(split)
         self.num_folds = num_folds
         self.fold = fold
@@ -217,6 +280,28 @@ class SplitDataModule(LightningDataModule):
         """Class names in label order."""
         return [f"class_{i}" for i in range(self.num_classes)]
 
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of the data's images, or of an even sample of them: what img_size auto measures."""
+        raise NotImplementedError  # data modules that read files override it; the others refuse auto in __init__
+
+    def resolve_img_size(self) -> int:
+        """Replace img_size ``auto`` by the images' median longer side on the stride's multiples (see auto_image_size).
+
+        Subclasses that read files call it once they have listed them.
+        """
+        if self.img_size == AUTO_SIZE:
+            sides = [max(h, w) for h, w in self.image_sizes()]
+            self.img_size = auto_image_size(sides, self.img_size_step, self.img_size_min, self.img_size_max)
+            self.img_size_note = (
+                f"auto: median longer side {statistics.median(sides):g} px over {len(sides)} images, on a multiple of "
+                f"{self.img_size_step} (the backbone's stride), within {self.img_size_min}..{self.img_size_max}"
+            )
+        return self.img_size
+
+    def augmentation_summary(self) -> str:
+        """What training does to the images, in one line (printed when a fit starts)."""
+        return "on" if self.augment else "off"
+
     def predict_transform(self, image: np.ndarray) -> torch.Tensor:
         """How predict prepares an image: normalised, at its own size unless a subclass resizes."""
         return normalise(image, self.mean, self.std)
@@ -230,9 +315,8 @@ class SplitDataModule(LightningDataModule):
         """A split fixed by the data itself (e.g. VOC's ImageSets); None means split by ratio."""
         return None
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage == "predict":
-            return
+    def assign_splits(self) -> tuple[list[int], list[int], list[int]]:
+        """The train/val/test item indices (the data's own split, else by ratio or fold), fixed on first call."""
         if not (self.train_indices or self.val_indices or self.test_indices):
             fixed = self.presplit()
             if fixed is not None:
@@ -241,6 +325,12 @@ class SplitDataModule(LightningDataModule):
                 self.train_indices, self.val_indices, self.test_indices = split_indices(
                     self.num_items(), self.split, self.num_folds, self.fold, self.seed
                 )
+        return self.train_indices, self.val_indices, self.test_indices
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "predict":
+            return
+        self.assign_splits()
         for name, idx in (("fit", self.train_indices), ("val", self.val_indices), ("test", self.test_indices)):
             if name not in self._datasets:
                 self._datasets[name] = self.make_dataset(idx, name)

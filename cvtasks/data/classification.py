@@ -6,19 +6,21 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..backbone import IMAGENET_MEAN, IMAGENET_STD
-from .base import IMAGE_EXTENSIONS, DrawnOnce, GeneratedScenes, SplitDataModule, normalise, read_image
+from .base import AUTO_SIZE, IMAGE_EXTENSIONS, DrawnOnce, GeneratedScenes, SplitDataModule, header_sizes, normalise, read_image
 from .shapes import SHAPE_NAMES, render_scene
 
-__all__ = ["AUGMENTATIONS", "PCALighting", "classification_transform", "ShapesDataModule", "ImageFolderDataModule"]
+__all__ = ["AUGMENTATIONS", "PCALighting", "classification_transform", "describe_augmentation", "ShapesDataModule", "ImageFolderDataModule"]
 
 
 def _shapes_ops(img_size: int, train: bool) -> list[A.BasicTransform]:
+    """Generated shapes: shifts, scales, rotations up to 30 degrees, both flips, colour jitter (a shape has no up)."""
     ops: list[A.BasicTransform] = [A.Resize(img_size, img_size)]
     if train:
         ops += [
@@ -29,6 +31,61 @@ def _shapes_ops(img_size: int, train: bool) -> list[A.BasicTransform]:
             A.HueSaturationValue(10, 20, 10, p=0.3),
         ]
     return ops
+
+
+def _safe_ops(img_size: int, train: bool) -> list[A.BasicTransform]:
+    """Any kind of image: small shifts, scales and turns (10 degrees), brightness and contrast; no flip, so no class changes."""
+    ops: list[A.BasicTransform] = [A.Resize(img_size, img_size)]
+    if train:
+        # edges replicated, not filled: a scan's white paper and a digit's black ground both continue
+        ops += [
+            A.Affine(translate_percent=(-0.1, 0.1), scale=(0.9, 1.1), rotate=(-10, 10), border_mode=cv2.BORDER_REPLICATE, p=0.8),
+            A.RandomBrightnessContrast(0.2, 0.2, p=0.5),
+        ]
+    return ops
+
+
+def _documents_ops(img_size: int, train: bool) -> list[A.BasicTransform]:
+    """Scans, digits, text: shifts, scales, turns up to 10 degrees and a slant (shear); never a flip (b/d, 2/5) or a large turn (6/9)."""
+    ops: list[A.BasicTransform] = [A.Resize(img_size, img_size)]
+    if train:
+        ops += [
+            A.Affine(translate_percent=(-0.1, 0.1), scale=(0.85, 1.15), rotate=(-10, 10), shear=(-12, 12),
+                     border_mode=cv2.BORDER_REPLICATE, p=0.9),
+            A.RandomBrightnessContrast(0.25, 0.25, p=0.5),
+        ]
+    return ops
+
+
+def _natural_ops(img_size: int, train: bool) -> list[A.BasicTransform]:
+    """Photos: random resized crops, left-right mirrors, colour jitter; evaluation takes the centre crop of the resized image."""
+    if train:
+        return [
+            A.RandomResizedCrop(size=(img_size, img_size), scale=(0.35, 1.0)),
+            A.HorizontalFlip(p=0.5),
+            A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.03, p=0.8),
+        ]
+    return [A.SmallestMaxSize(max_size=img_size), A.CenterCrop(img_size, img_size)]
+
+
+def _aerial_ops(img_size: int, train: bool) -> list[A.BasicTransform]:
+    """Overhead views (satellite, aerial, microscopy): both flips and any rotation, scales, colour; such images have no up."""
+    ops: list[A.BasicTransform] = [A.Resize(img_size, img_size)]
+    if train:
+        ops += [
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomRotate90(p=1.0),
+            # the corners a turn brings in are mirrored ground, not black
+            A.Affine(rotate=(-45, 45), scale=(0.9, 1.1), border_mode=cv2.BORDER_REFLECT_101, p=0.7),
+            A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
+        ]
+    return ops
+
+
+def _none_ops(img_size: int, train: bool) -> list[A.BasicTransform]:
+    """No augmentation: every image resized to img_size, for training as for evaluation."""
+    return [A.Resize(img_size, img_size)]
 
 
 class PCALighting(A.ImageOnlyTransform):
@@ -59,6 +116,7 @@ class PCALighting(A.ImageOnlyTransform):
 
 
 def _alexnet_ops(img_size: int, train: bool) -> list[A.BasicTransform]:
+    """The AlexNet paper's recipe: rescale 256:224, random crops and left-right mirrors, PCA lighting; evaluation the centre crop."""
     # Krizhevsky et al. 2012, section 4.1: the image's shorter side scaled to 256 and its central
     # 256x256 kept; training takes random 224x224 crops of it (translations) and their horizontal
     # reflections, and adds PCA lighting noise; testing takes the central crop. Sizes scale with
@@ -70,17 +128,32 @@ def _alexnet_ops(img_size: int, train: bool) -> list[A.BasicTransform]:
     return ops + [A.CenterCrop(img_size, img_size)]
 
 
-#: classification augmentation presets: name -> the albumentations ops for (img_size, train)
+#: classification augmentation presets: name -> the albumentations ops for (img_size, train); each
+#: builder's docstring is the one line printed when a run starts. The folder default is ``safe``: a
+#: mirror or a large turn changes the class of a digit, a letter or a left/right sign, so a preset
+#: that never changes a class is the only sensible default for a folder of unknown kind.
 AUGMENTATIONS: dict[str, Callable[[int, bool], list[A.BasicTransform]]] = {
-    "shapes": _shapes_ops,  # shifts, scale, rotation, both flips, colour: the generated shapes' default
+    "safe": _safe_ops,
+    "natural": _natural_ops,
+    "documents": _documents_ops,
+    "digits": _documents_ops,  # the same preset under the name a user of digit scans looks for
+    "aerial": _aerial_ops,
+    "none": _none_ops,
+    "shapes": _shapes_ops,  # the generated shapes' default
     "alexnet": _alexnet_ops,  # the AlexNet paper's recipe: random crops with shifts, flips, PCA lighting
 }
+
+
+def describe_augmentation(name: str) -> str:
+    """One line saying what the preset ``name`` does (its builder's docstring)."""
+    return (AUGMENTATIONS[check_augmentation(name)].__doc__ or name).strip().splitlines()[0]
 
 
 def check_augmentation(name: str) -> str:
     """``name`` if it is a preset of AUGMENTATIONS, else a ValueError listing them."""
     if name not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation {name!r}; choose one of {sorted(AUGMENTATIONS)}")
+        raise ValueError(f"unknown augmentation {name!r}; choose one of {sorted(AUGMENTATIONS)} "
+                         f"(what each does: README, 'Train on your own folder')")
     return name
 
 
@@ -127,7 +200,7 @@ class ShapesDataModule(GeneratedScenes, SplitDataModule):
                  **kwargs) -> None:
         """``num_samples`` scenes in all (split by ratio or k-fold); rendered at ``render_size`` (default img_size).
 
-        ``augmentation`` names the training preset (AUGMENTATIONS: ``shapes``, ``alexnet``).
+        ``augmentation`` names the training preset (AUGMENTATIONS; ``shapes`` by default).
         """
         kwargs.setdefault("img_size", 64)
         super().__init__(**kwargs)
@@ -150,6 +223,10 @@ class ShapesDataModule(GeneratedScenes, SplitDataModule):
     def predict_transform(self, image: np.ndarray) -> torch.Tensor:
         return classification_transform(self.img_size, False, self.mean, self.std, self.augmentation)(image)
 
+    def augmentation_summary(self) -> str:
+        """The preset's name and what it does (``off`` with augment false)."""
+        return f"{self.augmentation}: {describe_augmentation(self.augmentation)}" if self.augment else "off"
+
 
 class _FileClassification(Dataset):
     def __init__(self, items: list[tuple[Path, int]], transform: Callable) -> None:
@@ -166,9 +243,12 @@ class _FileClassification(Dataset):
 class ImageFolderDataModule(SplitDataModule):
     """Real images laid out as ``root/<class name>/<image>``; classes are the sub-folders, sorted."""
 
-    def __init__(self, *, root: str, augmentation: str = "shapes", **kwargs) -> None:
-        """``root``: the folder; ``augmentation``: the training preset (AUGMENTATIONS: ``shapes``, ``alexnet``)."""
-        kwargs.setdefault("img_size", 64)
+    def __init__(self, *, root: str, augmentation: str = "safe", **kwargs) -> None:
+        """``root``: the folder; ``augmentation``: the training preset (AUGMENTATIONS; ``safe`` changes no class).
+
+        ``img_size`` defaults to ``auto``: the images' median longer side (see SplitDataModule.resolve_img_size).
+        """
+        kwargs.setdefault("img_size", AUTO_SIZE)
         super().__init__(**kwargs)
         self.augmentation = check_augmentation(augmentation)
         self.root = Path(root).expanduser()
@@ -190,9 +270,19 @@ class ImageFolderDataModule(SplitDataModule):
             )
         if len(self._classes) < 2:
             raise ValueError(f"DATA folder {str(self.root)!r} has {len(self._classes)} class sub-folder(s); classification needs at least 2")
+        self.resolve_img_size()
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of an even sample of the folder's images, read from their headers."""
+        return header_sizes([path for path, _ in self._items])
 
     def num_items(self) -> int:
         return len(self._items)
+
+    @property
+    def items(self) -> list[tuple[Path, int]]:
+        """Every image of the folder with its label, in item order (what the split indices index)."""
+        return list(self._items)
 
     @property
     def num_classes(self) -> int:
@@ -223,3 +313,7 @@ class ImageFolderDataModule(SplitDataModule):
 
     def predict_transform(self, image: np.ndarray) -> torch.Tensor:
         return classification_transform(self.img_size, False, self.mean, self.std, self.augmentation)(image)
+
+    def augmentation_summary(self) -> str:
+        """The preset's name and what it does (``off`` with augment false)."""
+        return f"{self.augmentation}: {describe_augmentation(self.augmentation)}" if self.augment else "off"

@@ -32,7 +32,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..detection.proposals import selective_search
-from .base import DrawnOnce, GeneratedScenes, ImageFolderPredictDataset, SplitDataModule, _predict_collate, read_image
+from .augmentation import DENSE_AUGMENTATIONS, check_dense_augmentation, dense_augmentation_summary
+from .base import AUTO_SIZE, DrawnOnce, GeneratedScenes, ImageFolderPredictDataset, SplitDataModule, _predict_collate, read_image
 from .coco import CocoIndex, check_image_files, decode_segmentation, load_coco
 from .shapes import SHAPE_NAMES, render_scene
 
@@ -54,20 +55,22 @@ MIN_BOX_AREA = 4.0
 MIN_VISIBILITY = 0.1
 
 
-def detection_transform(img_size: int, train: bool) -> A.Compose:
+def detection_transform(img_size: int, train: bool, augmentation: str = "natural") -> A.Compose:
     """Albumentations pipeline moving boxes (pascal_voc xyxy) and masks with the image.
 
     Eval: letterbox to img_size x img_size (longest side resized, padded at the bottom/right, so
-    box coordinates only scale). Train adds a horizontal flip, a random scale with shift (which
-    crops objects out of the image or shrinks them) and colour jitter.
+    box coordinates only scale). Train adds the ``augmentation`` preset's mirrors and quarter turns
+    (DENSE_AUGMENTATIONS; ``natural``: a horizontal flip), a random scale with shift (which crops
+    objects out of the image or shrinks them) and colour jitter; preset ``none`` adds nothing.
     """
+    preset = DENSE_AUGMENTATIONS[check_dense_augmentation(augmentation)]
     ops: list[A.BasicTransform] = [
         A.LongestMaxSize(max_size=img_size),
         A.PadIfNeeded(img_size, img_size, position="top_left", border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
     ]
-    if train:
+    if train and preset.augment:
         ops += [
-            A.HorizontalFlip(p=0.5),
+            *preset.symmetry_ops(),
             A.Affine(scale=(0.75, 1.25), translate_percent=(-0.1, 0.1), border_mode=cv2.BORDER_CONSTANT,
                      fill=0, fill_mask=0, p=0.5),
             A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02, p=0.5),
@@ -217,12 +220,19 @@ class _DetectionDataModule(SplitDataModule):
 
     collate_fn = staticmethod(detection_collate)
 
-    def __init__(self, *, with_masks: bool = False, proposals: bool | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, with_masks: bool = False, proposals: bool | None = None, augmentation: str = "natural",
+                 **kwargs: Any) -> None:
+        """``augmentation``: the training preset (DENSE_AUGMENTATIONS: natural, safe, aerial, none)."""
         super().__init__(**kwargs)
         self.with_masks = with_masks
         #: every target (and predict item) carries selective search's ``proposals``; None, left for the CLI
         #: to fill from the detector (on for R-CNN and Fast R-CNN), counts as off
         self.proposals = bool(proposals)
+        self.augmentation = check_dense_augmentation(augmentation)
+
+    def augmentation_summary(self) -> str:
+        """The preset's name and what it does (``off`` with augment false)."""
+        return dense_augmentation_summary(self.augmentation, self.augment)
 
     @property
     def category_ids(self) -> list[int]:
@@ -231,7 +241,7 @@ class _DetectionDataModule(SplitDataModule):
 
     def pipeline(self, stage: str) -> A.Compose:
         """The albumentations pipeline for ``stage`` (augmentation only when fitting with augment=True)."""
-        return detection_transform(self.img_size, train=stage == "fit" and self.augment)
+        return detection_transform(self.img_size, train=stage == "fit" and self.augment, augmentation=self.augmentation)
 
     def predict_transform(self, image: np.ndarray) -> torch.Tensor:
         """Predict images stay at their own size and unnormalised; the detectors resize and normalise."""
@@ -342,8 +352,12 @@ class COCODetectionDataModule(_DetectionDataModule):
 
     def __init__(self, *, root: str, annotations: str | None = None, images: str = "images",
                  with_masks: bool = False, **kwargs: Any) -> None:
-        """Read and check the annotations now (num_classes must be known before setup)."""
-        kwargs.setdefault("img_size", 512)
+        """Read and check the annotations now (num_classes must be known before setup).
+
+        ``img_size`` defaults to ``auto``: the images' median longer side, from the JSON's sizes
+        (see SplitDataModule.resolve_img_size).
+        """
+        kwargs.setdefault("img_size", AUTO_SIZE)
         super().__init__(with_masks=with_masks, **kwargs)
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
@@ -354,6 +368,11 @@ class COCODetectionDataModule(_DetectionDataModule):
         self.images_dir = self.root / images
         self.index = load_coco(self.annotations_path, require_masks=with_masks)
         self._checked = False
+        self.resolve_img_size()
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every image, as the JSON gives them."""
+        return [(info.height, info.width) for info in self.index.images]
 
     def num_items(self) -> int:
         """Number of images in the file (annotated or not)."""

@@ -19,7 +19,8 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from ..backbone import IMAGENET_MEAN, IMAGENET_STD
-from .base import IMAGE_EXTENSIONS, DrawnOnce, GeneratedScenes, SplitDataModule, read_image
+from .augmentation import DENSE_AUGMENTATIONS, check_dense_augmentation, dense_augmentation_summary
+from .base import AUTO_SIZE, IMAGE_EXTENSIONS, DrawnOnce, GeneratedScenes, SplitDataModule, header_sizes, read_image
 from .shapes import SHAPE_NAMES, render_scene
 
 __all__ = [
@@ -107,19 +108,23 @@ def segmentation_transforms(
     rotate: float = 15.0,
     colour: bool = True,
     normalize: bool = True,
+    augmentation: str = "natural",
 ) -> A.Compose:
-    """One pipeline for image and mask: random resized crop, flip, rotation, colour jitter (train); resize (eval).
+    """One pipeline for image and mask: random resized crop, the preset's mirrors, rotation, colour jitter (train); resize (eval).
 
+    ``augmentation`` names the preset (DENSE_AUGMENTATIONS): ``natural`` mirrors left-right, ``safe``
+    never, ``aerial`` both ways with quarter turns; ``none`` trains on the evaluation resize.
     Masks use nearest interpolation; areas a rotation brings in get the ignore label 255 (image: 0).
     Call as ``t(image=img, mask=mask)``; with ``normalize`` the image comes out as a normalised
     float (3, H, W) tensor and the mask as an int64 (H, W) tensor, else both stay numpy arrays.
     """
+    preset = DENSE_AUGMENTATIONS[check_dense_augmentation(augmentation)]
     ops: list[Any] = []
-    if train:
+    if train and preset.augment:
         ops += [
             A.RandomResizedCrop(size=(img_size, img_size), scale=scale, ratio=(0.75, 4 / 3),
                                 interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST),
-            A.HorizontalFlip(p=0.5),
+            *preset.symmetry_ops(),
         ]
         if rotate > 0:
             ops.append(A.Rotate(limit=(-rotate, rotate), interpolation=cv2.INTER_LINEAR,
@@ -226,10 +231,16 @@ class VOCSegmentationDataModule(SplitDataModule):
     else ``class_i``.
     """
 
-    def __init__(self, *, root: str, num_classes: int | None = None, validate: bool = True, **kwargs: Any) -> None:
-        """``num_classes`` defaults to the lines of labels.txt, else 21; ``validate`` checks every mask before training."""
-        kwargs.setdefault("img_size", 256)
+    def __init__(self, *, root: str, num_classes: int | None = None, validate: bool = True, augmentation: str = "natural",
+                 **kwargs: Any) -> None:
+        """``num_classes`` defaults to the lines of labels.txt, else 21; ``validate`` checks every mask before training.
+
+        ``augmentation``: the training preset (DENSE_AUGMENTATIONS: natural, safe, aerial, none);
+        ``img_size`` defaults to ``auto``, the images' median longer side (SplitDataModule.resolve_img_size).
+        """
+        kwargs.setdefault("img_size", AUTO_SIZE)
         super().__init__(**kwargs)
+        self.augmentation = check_dense_augmentation(augmentation)
         self.root = Path(root).expanduser()
         images_dir, masks_dir = self.root / "JPEGImages", self.root / "SegmentationClass"
         for d in (images_dir, masks_dir):
@@ -258,6 +269,15 @@ class VOCSegmentationDataModule(SplitDataModule):
         self._pairs = [(images[i], masks[i]) for i in self._ids]
         self.validate = validate
         self._validated = False
+        self.resolve_img_size()
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of an even sample of the images, read from their headers."""
+        return header_sizes([image for image, _ in self._pairs])
+
+    def augmentation_summary(self) -> str:
+        """The preset's name and what it does (``off`` with augment false)."""
+        return dense_augmentation_summary(self.augmentation, self.augment)
 
     def num_items(self) -> int:
         return len(self._pairs)
@@ -311,5 +331,5 @@ class VOCSegmentationDataModule(SplitDataModule):
 
     def make_dataset(self, indices: list[int], stage: str) -> Dataset:
         train = stage == "fit" and self.augment
-        transform = segmentation_transforms(self.img_size, train, mean=self.mean, std=self.std)
+        transform = segmentation_transforms(self.img_size, train, mean=self.mean, std=self.std, augmentation=self.augmentation)
         return _VOCSegmentation([self._pairs[i] for i in indices], self._num_classes, transform)

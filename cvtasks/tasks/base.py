@@ -194,7 +194,8 @@ class BaseTask(LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
         epochs = max(1, self.trainer.max_epochs or 1) if self._trainer is not None else 1
         steps_per_epoch = max(1, total // epochs)
-        warmup = min(total - 1, hp["warmup_epochs"] * steps_per_epoch)
+        # at most a third of the run: a large folder sized by steps (train_steps) may run a single epoch
+        warmup = min(total - 1, hp["warmup_epochs"] * steps_per_epoch, total // 3)
         step_size = hp["step_size"] * steps_per_epoch
         gamma = hp["gamma"]
 
