@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import REPO, run_cli
+from conftest import REPO
 from cvtasks.__main__ import main as cvtasks_main
 from cvtasks.backbone import create_classifier
 from cvtasks.charts import plotly_figure
@@ -154,13 +154,15 @@ def test_imagenet_reference_charts_every_published_net() -> None:
     assert "lenet5" in chart.notes[-1] and "wrn28_10" in chart.notes[-1]  # left out, and said so
 
 
-def test_compare_trains_each_backbone_as_a_run_then_charts_them(workdir: Path) -> None:
+def test_compare_trains_each_backbone_as_a_run_then_charts_them(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(workdir)  # compare in this process, each backbone's fit in its own
+    monkeypatch.setenv("WANDB_MODE", "offline")
     tiny = ["--config", "configs/classification.yaml", "--config", "configs/logger/csv.yaml",
             "--data.num_samples", "30", "--data.img_size", "32", "--data.batch_size", "8", "--trainer.max_epochs", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     args = ["compare", "--train", "--backbones", "lenet5 resnet18", "--run_name", "cmp", "--out", "docs/cmp.png", *tiny]
-    proc = run_cli(args, workdir)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert cvtasks_main(args) == 0, capfd.readouterr().err[-3000:]
     runs = [RunFolder.from_name(f"cmp-{b}", workdir / "runs") for b in ("lenet5", "resnet18")]
     for run, backbone in zip(runs, ("lenet5", "resnet18")):  # each a normal run, grouped under the comparison's name
         assert run.config()["model"]["init_args"]["backbone"] == backbone and run.config()["group"] == "cmp"
@@ -169,9 +171,9 @@ def test_compare_trains_each_backbone_as_a_run_then_charts_them(workdir: Path) -
     assert (workdir / "runs" / "cmp" / "compare.png").is_file()
 
     kept = {run.name: run.metrics_path.stat().st_mtime_ns for run in runs}
-    again = run_cli(args, workdir)  # finished runs are kept, not trained again
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "lenet5: cmp-lenet5 is finished (metrics.json), kept" in again.stdout
+    capfd.readouterr()
+    assert cvtasks_main(args) == 0  # the same command again: finished runs are kept, not trained again
+    assert "lenet5: cmp-lenet5 is finished (metrics.json), kept" in capfd.readouterr().out
     assert {run.name: run.metrics_path.stat().st_mtime_ns for run in runs} == kept
 
 

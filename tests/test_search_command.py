@@ -19,7 +19,7 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from conftest import REPO, run_cli
+from conftest import REPO
 from cvtasks.__main__ import main as cvtasks_main
 from cvtasks.commands import search
 from cvtasks.runs import RunFolder
@@ -47,7 +47,7 @@ class Searched:
     """A tiny search of 3 trials in one process, then 2 more by two processes sharing its SQLite study."""
 
     workdir: Path
-    first: subprocess.CompletedProcess  # the 3-trial search
+    first: str  # what the 3-trial search printed
     after_first: list[optuna.trial.FrozenTrial]  # its study then
     shared: list[tuple[str, str]]  # the two processes' stdout and stderr
     first_metrics: dict[int, int]  # the first trials' metrics.json mtimes, before the two processes ran
@@ -77,8 +77,13 @@ def searched(tmp_path_factory: pytest.TempPathFactory) -> Searched:
     workdir = tmp_path_factory.mktemp("search")
     (workdir / "configs").symlink_to(REPO / "configs")
     (workdir / "space.yaml").write_text(SPACE)
-    first = run_cli(["search", "--trials", "3", "--space", "space.yaml", "--run_name", "s1", *TINY], workdir)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    printed = io.StringIO()  # the search itself in this process (its trials' fits in their own, as always)
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.chdir(workdir)
+        mp.setenv("WANDB_MODE", "offline")
+        status = cvtasks_main(["search", "--trials", "3", "--space", "space.yaml", "--run_name", "s1", *TINY])
+    first = printed.getvalue()
+    assert status == 0, first[-3000:]
     after_first, mtimes = _study(workdir).get_trials(), _metrics_mtimes(workdir, range(3))
 
     # the way a search outgrows one process: the same command (here: the name alone, a larger budget) twice at once
@@ -105,7 +110,7 @@ def test_each_trial_is_a_run_with_its_sampled_values(searched: Searched) -> None
         assert config["model"]["init_args"]["label_smoothing"] == t.params["model.init_args.label_smoothing"]
         assert 1e-4 <= t.params["model.init_args.lr"] <= 0.1 and config["group"] == "s1"
         assert t.value == run.metrics()["val/acc"]  # the monitored validation figure of the best checkpoint
-        assert run.name in searched.first.stdout  # the table of trials
+        assert run.name in searched.first  # the table of trials
     assert len({t.params["model.init_args.lr"] for t in trials}) == 3
 
 
@@ -128,7 +133,7 @@ def test_best_yaml_is_the_best_trials_config_and_fit_takes_it(searched: Searched
     printed = _print_config(["--config", str(path)])  # the fit's own parser takes it as it is
     assert printed["model"]["init_args"]["lr"] == best.params["model.init_args.lr"]
     assert printed["data"]["init_args"]["batch_size"] == best.params["data.init_args.batch_size"]
-    assert f"make train ARGS='--config runs/s1/{search.BEST_FILE}'" in searched.first.stdout
+    assert f"make train ARGS='--config runs/s1/{search.BEST_FILE}'" in searched.first
 
 
 def test_trial_pruning_stops_a_fit_worse_than_the_median(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -28,13 +28,14 @@ as is), ``runs/<search>/search.json`` and the table of trials.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import difflib
 import fcntl
+import io
 import json
 import math
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -215,13 +216,21 @@ def _set_key(config: dict[str, Any], key: str, value: Any) -> None:
 
 # -- the fit's base config -----------------------------------------------------------------------
 def base_config(fit_args: list[str]) -> dict[str, Any]:
-    """The full config the fit arguments resolve to (``fit ... --print_config``): checks them, and is best.yaml's base."""
-    proc = subprocess.run([sys.executable, "-m", "cvtasks", "fit", *fit_args, "--print_config"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-        reason = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise ValueError(f"the fit arguments were refused before any trial: {reason}")
-    return yaml.safe_load(proc.stdout) or {}
+    """The full config the fit arguments resolve to (``fit ... --print_config``): checks them, and is best.yaml's base.
+
+    Parsed here, by the fit's own parser, which prints the config and exits before building anything.
+    """
+    from ..cli import CvtasksCLI
+
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            CvtasksCLI(["fit", *fit_args, "--print_config"])
+    except SystemExit as stop:
+        if stop.code not in (0, None):  # the parser has said why on stderr
+            raise ValueError("the fit arguments were refused before any trial (the parser's message is above); "
+                             "fix them and start again") from None
+    return yaml.safe_load(printed.getvalue()) or {}
 
 
 def task_class(config: dict[str, Any]) -> type:
