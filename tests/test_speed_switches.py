@@ -57,13 +57,18 @@ class _Watch(Callback):
         self.losses: list[float] = []
         self.feature_dtypes: set[torch.dtype] = set()
         self.weights_channels_last: list[bool] = []
+        self.inputs_channels_last: list[bool] = []
 
     def on_train_batch_start(self, trainer: L.Trainer, task: BaseTask, batch: Any, batch_idx: int) -> None:
         body = task.backbone_module()
         convs = [m.weight for m in body.modules() if isinstance(m, torch.nn.Conv2d)]
         self.weights_channels_last.append(all(w.is_contiguous(memory_format=torch.channels_last) for w in convs))
         if not hasattr(self, "_hooked"):
-            body.register_forward_hook(lambda m, i, out: self.feature_dtypes.update(v.dtype for v in out.values()))
+            def seen(module: Any, args: Any, out: Any) -> None:
+                self.feature_dtypes.update(v.dtype for v in out.values())
+                self.inputs_channels_last.append(args[0].is_contiguous(memory_format=torch.channels_last))
+
+            body.register_forward_hook(seen)
             self._hooked = True
 
     def on_train_batch_end(self, trainer: L.Trainer, task: BaseTask, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -99,7 +104,7 @@ def test_channels_last_and_compile_train_every_task_and_keep_the_checkpoint_keys
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     watch = _fit(task, dm, tmp_path)
-    assert all(watch.weights_channels_last) and len(watch.losses) == 3
+    assert all(watch.weights_channels_last) and all(watch.inputs_channels_last) and len(watch.losses) == 3
     assert all(torch.isfinite(torch.tensor(watch.losses)))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the backbone ran through torch.compile
     assert set(task.state_dict()) == keys  # a compiled run's checkpoint loads without the switch

@@ -124,19 +124,17 @@ class BaseTask(LightningModule):
     # -- speed switches (GPU-minded; they run on a CPU too) ------------------------------------
     def setup(self, stage: str) -> None:
         """Put the weights in channels_last and compile the backbone, as the switches ask (once per module)."""
-        if self.channels_last:
+        if self.channels_last and not getattr(self, "_channels_last_hooked", False):
             self.to(memory_format=torch.channels_last)  # 4-d weights only; the rest is unchanged
+            # the images too, where they enter the backbone: every task's batches (detection's are batched
+            # inside the model), and no batch-transfer hook that a data module's would clash with
+            self.backbone_module().register_forward_pre_hook(lambda module, args: _to_channels_last(args))
+            self._channels_last_hooked = True
         if self.compile_backend is not None and not getattr(self, "_backbone_compiled", False):
             # the backbone holds nearly all of the compute in every task; Module.compile keeps the
             # state_dict's keys, so checkpoints stay loadable without the switch
             self.backbone_module().compile(backend=self.compile_backend)
             self._backbone_compiled = True
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Image batches in channels_last when the switch is on (detection's lists are batched by the model)."""
-        if not self.channels_last:
-            return batch
-        return _to_channels_last(batch)
 
     # -- fine-tuning -------------------------------------------------------------------------
     def backbone_module(self) -> torch.nn.Module:
