@@ -123,6 +123,10 @@ class TaskExport:
 
     kind = ""
     input_name = "image"
+    #: the file's inputs, in order (detectors that classify given region proposals take them as a second)
+    input_names: tuple[str, ...] = ("image",)
+    #: the task passes the data's region proposals to its model (R-CNN, Fast R-CNN), and so to the file
+    takes_proposals = False
     output_names: tuple[str, ...] = ()
     #: the input's dims that may change between calls (index -> name), and the outputs' that follow them
     input_dims: dict[int, str] = {}
@@ -141,6 +145,14 @@ class TaskExport:
     def inputs(self, batch: Any) -> Any:
         """What the task's model takes, from a validation batch."""
         raise NotImplementedError
+
+    def reference(self, model: nn.Module, inputs: Any) -> Any:
+        """The task's PyTorch model called on ``inputs`` as the task calls it."""
+        return model(inputs)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Each input's and output's dims that may change between calls, by name."""
+        return {self.input_name: dict(self.input_dims), **self.output_dims}
 
     def ids(self, batch: Any) -> list[Any]:
         """Each sample's own id in the data (a scene, an image id), or None."""
@@ -286,6 +298,25 @@ class _OneImageDetector(nn.Module):
         return tuple(found[name] for name in self.names)
 
 
+class _OneImageProposalDetector(_OneImageDetector):
+    """A detector that classifies given region proposals, called on one image and its (P, 4) xyxy proposals."""
+
+    def forward(self, image: Tensor, proposals: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
+        found = self.detector([image], proposals=[proposals])[0]
+        return tuple(found[name] for name in self.names)
+
+
+@dataclass
+class ImagesWithProposals:
+    """A detection batch for R-CNN and Fast R-CNN: the images and each one's region proposals (P, 4) xyxy."""
+
+    images: list[Tensor]
+    proposals: list[Tensor]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
 class DetectionExport(TaskExport):
     """The whole detector, one image in [0, 1] (3, H, W) -> boxes, labels, scores (, masks)."""
 
@@ -358,6 +389,60 @@ class InstanceSegmentationExport(DetectionExport):
     output_dims = {**DetectionExport.output_dims, "masks": {0: "detections", 2: "height", 3: "width"}}
 
 
+class ProposalDetectionExport(DetectionExport):
+    """R-CNN and Fast R-CNN: one image and its region proposals (P, 4) xyxy in -> boxes, labels, scores.
+
+    Selective search is not in the file: it runs in Python before it (as the data module runs it for
+    PyTorch), and its proposals are the file's second input.
+    """
+
+    input_names = ("image", "proposals")
+    takes_proposals = True
+
+    def network(self, task: BaseTask) -> nn.Module:
+        return _OneImageProposalDetector(task.model, self.output_names)
+
+    def inputs(self, batch: Any) -> ImagesWithProposals:
+        images, targets = batch[0], batch[1]
+        return ImagesWithProposals(list(images), [torch.as_tensor(t["proposals"], dtype=torch.float32).reshape(-1, 4)
+                                                  for t in targets])
+
+    def reference(self, model: nn.Module, inputs: ImagesWithProposals) -> Any:
+        return model(inputs.images, proposals=inputs.proposals)
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        return {**super().dynamic_axes(), "proposals": {0: "proposals"}}
+
+    def network_args(self, inputs: ImagesWithProposals) -> tuple[Tensor, ...]:
+        return (inputs.images[0], inputs.proposals[0])
+
+    def other_shape(self, inputs: ImagesWithProposals, size: tuple[int, int] | None) -> ImagesWithProposals:
+        x, p = inputs.images[0], inputs.proposals[0]
+        if size is None:
+            return ImagesWithProposals([x], [p])
+        (h, w), (nh, nw) = x.shape[-2:], size
+        scale = torch.tensor([nw / w, nh / h, nw / w, nh / h], dtype=p.dtype)
+        return ImagesWithProposals([F.interpolate(x[None], size=size, mode="bilinear", align_corners=False)[0]], [p * scale])
+
+    def call(self, run: Callable[..., tuple[Tensor, ...]], inputs: ImagesWithProposals) -> list[dict[str, Tensor]]:
+        return [dict(zip(self.output_names, run(x, p))) for x, p in zip(inputs.images, inputs.proposals)]
+
+    def sizes(self, inputs: ImagesWithProposals) -> list[tuple[int, int]]:
+        return [tuple(x.shape[-2:]) for x in inputs.images]
+
+    def describe(self, task: BaseTask, datamodule: Any) -> dict[str, Any]:
+        described = super().describe(task, datamodule)
+        described["inputs"] = {"proposals": {
+            "shape": ["proposals", 4], "dtype": "float32",
+            "boxes": "x1, y1, x2, y2 in the input image's pixels, best ranked first",
+            "from": "selective search (cvtasks.detection.proposals.selective_search, the settings of the run's data)",
+            "used": f"the first {getattr(task.model.model, 'max_proposals', '?')}"}}
+        return described
+
+    def python_steps(self, task: BaseTask) -> list[str]:
+        return ["region proposals by selective search on the image (cvtasks.detection.proposals), given as 'proposals'"]
+
+
 def task_export(task: BaseTask) -> TaskExport:
     """The export recipe for ``task``'s kind, found by its type (a subclass takes its parent's)."""
     from .tasks.classification import ClassificationTask
@@ -372,6 +457,8 @@ def task_export(task: BaseTask) -> TaskExport:
     ]
     for cls, recipe in recipes:
         if isinstance(task, cls):
+            if isinstance(recipe, DetectionExport) and getattr(task.model, "proposals", False):
+                return ProposalDetectionExport()
             return recipe
     raise ValueError(f"no export recipe for {type(task).__name__}; cvtasks exports "
                      f"{', '.join(c.__name__ for c, _ in recipes)} (add one in cvtasks/export.py)")
@@ -500,10 +587,23 @@ class ExportedModel(nn.Module):
         self.source = source
         self.fixed_size = fixed_size
 
-    def forward(self, inputs: Any, targets: Any = None) -> Any:
+    @property
+    def proposals(self) -> bool:
+        """The task must pass the data's region proposals (the detector module's flag of the same name)."""
+        return self.recipe.takes_proposals
+
+    @property
+    def name(self) -> str:
+        """What the task's messages call the model."""
+        return self.source
+
+    def forward(self, inputs: Any, targets: Any = None, proposals: Any = None) -> Any:
         """The file's outputs for ``inputs``, shaped as the PyTorch model's (eval mode only)."""
         if targets is not None:
             raise ValueError(f"{self.source} is an exported model for inference; it cannot train")
+        if proposals is not None:  # called by the task, as it calls a detector of proposals
+            inputs = ImagesWithProposals(list(inputs), [torch.as_tensor(p, dtype=torch.float32).reshape(-1, 4)
+                                                        for p in proposals])
         if self.fixed_size is not None:
             other = [s for s in self.recipe.sizes(inputs) if tuple(s) != tuple(self.fixed_size)]
             if other:
@@ -532,22 +632,22 @@ class Exporter:
 
 
 def _exported_program(net: nn.Module, args: tuple[Tensor, ...], recipe: TaskExport) -> torch.export.ExportedProgram:
-    dims = {d: torch.export.Dim.AUTO for d in recipe.input_dims}
-    return torch.export.export(net, args, dynamic_shapes=(dims,), strict=False)
+    axes = recipe.dynamic_axes()
+    dims = tuple({d: torch.export.Dim.AUTO for d in axes.get(name, {})} for name in recipe.input_names)
+    return torch.export.export(net, args, dynamic_shapes=dims, strict=False)
 
 
 def _onnx_dynamo(net: nn.Module, args: tuple[Tensor, ...], path: Path, recipe: TaskExport) -> None:
     # torch.export first, then the ExportedProgram to ONNX: given the module, torch.onnx retries other
     # tracing modes for minutes (a torchvision detector: 106 s) before failing as torch.export did in 1.4 s
     program = _exported_program(net, args, recipe)
-    torch.onnx.export(program, args, str(path), dynamo=True, external_data=False, input_names=[recipe.input_name],
+    torch.onnx.export(program, args, str(path), dynamo=True, external_data=False, input_names=list(recipe.input_names),
                       output_names=list(recipe.output_names))
 
 
 def _onnx_torchscript(net: nn.Module, args: tuple[Tensor, ...], path: Path, recipe: TaskExport) -> None:
-    axes = {recipe.input_name: dict(recipe.input_dims), **recipe.output_dims}
-    torch.onnx.export(net, args, str(path), dynamo=False, opset_version=ONNX_OPSET, input_names=[recipe.input_name],
-                      output_names=list(recipe.output_names), dynamic_axes=axes)
+    torch.onnx.export(net, args, str(path), dynamo=False, opset_version=ONNX_OPSET, input_names=list(recipe.input_names),
+                      output_names=list(recipe.output_names), dynamic_axes=recipe.dynamic_axes())
 
 
 def _jit_trace(net: nn.Module, args: tuple[Tensor, ...], path: Path, recipe: TaskExport) -> None:
@@ -665,7 +765,7 @@ def export_model(task: BaseTask, example: Any, fmt: str, out_dir: Path, tol: Tol
     if recipe.own_size:
         checks.append(_Check(f"a {h + 32}x{w + 64} image", recipe.other_shape(example, (h + 32, w + 64)), size=True))
     with torch.no_grad():
-        wanted = [recipe.per_sample(task.model(c.inputs)) for c in checks]
+        wanted = [recipe.per_sample(recipe.reference(task.model, c.inputs)) for c in checks]
     out_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     fallbacks: list[dict[str, str]] = []
@@ -744,7 +844,7 @@ def check_parity(task: BaseTask, exported: ExportedModel, loader: DataLoader, to
     with torch.no_grad():
         for batch in loader:
             inputs = recipe.inputs(batch)
-            refs, gots = recipe.per_sample(task.model(inputs)), recipe.per_sample(exported(inputs))
+            refs, gots = recipe.per_sample(recipe.reference(task.model, inputs)), recipe.per_sample(exported(inputs))
             for ref, got, sample_id in zip(refs, gots, recipe.ids(batch)):
                 verdict = recipe.compare(ref, got, tol)
                 _merge(stats, verdict.stats)

@@ -16,6 +16,7 @@ from torchvision.ops.poolers import LevelMapper
 
 from cvtasks import list_backbones
 from cvtasks.backbone import Backbone, FeatureInfo
+from cvtasks.detection.poolers import pyramid_scale
 from cvtasks.detection import (DETECTORS, Detector, FeaturePyramidNeck, MultiScaleRoIPool, anchor_sizes, build_detector,
                                detector_keywords)
 from conftest import TinyNet
@@ -108,6 +109,18 @@ def test_roi_pool_assigns_levels_like_level_mapper() -> None:
     for r, lvl in enumerate(levels.tolist()):
         expected = roi_pool(maps[lvl], rois[r : r + 1], 3, 1.0 / 2 ** (lvl + 2))
         torch.testing.assert_close(out[r : r + 1], expected)
+
+
+def test_roi_pool_scales_hold_when_the_batch_is_padded_far_below_the_images() -> None:
+    # a 38 px tall image padded to 64 (size_divisible 32): its stride-4 map is 16 tall, and 16/38
+    # rounds to stride 2; the map covers at least the image and less than twice it, so stride 4
+    assert [pyramid_scale(16, h) for h in (38, 33, 64)] == [0.25, 0.25, 0.25]
+    assert pyramid_scale(32, 97) == 0.25 and pyramid_scale(8, 64) == 0.125 and pyramid_scale(64, 64) == 1.0
+    feats = OrderedDict(p2=torch.randn(1, 4, 16, 16))
+    boxes = [torch.tensor([[4.0, 4.0, 36.0, 30.0]])]
+    out = MultiScaleRoIPool(["p2"], 3)(feats, boxes, [(38, 64)])
+    expected = roi_pool(feats["p2"], torch.tensor([[0.0, 4.0, 4.0, 36.0, 30.0]]), 3, 0.25)
+    torch.testing.assert_close(out, expected)
 
 
 @pytest.mark.parametrize("name", sorted(DETECTORS))

@@ -47,6 +47,12 @@ RUNS: dict[str, tuple[str, dict[str, Any], str, dict[str, Any]]] = {
     # an untrained YOLO scores about 1e-4 everywhere: a low threshold leaves it detections to compare
     "yolo": ("cvtasks.tasks.detection.DetectionTask", {**DETECTION, "detector": "yolo", "detector_kwargs": {"score_thresh": 1e-5}},
              *SHAPES_DETECTION),
+    # the proposal detectors take the data's selective-search proposals as the file's second input
+    "fast_rcnn": ("cvtasks.tasks.detection.DetectionTask", {**DETECTION, "detector": "fast_rcnn"},
+                  SHAPES_DETECTION[0], {**SHAPES_DETECTION[1], "proposals": True}),
+    "rcnn": ("cvtasks.tasks.detection.DetectionTask",
+             {**DETECTION, "detector": "rcnn", "detector_kwargs": {"crop_size": 32, "max_proposals": 64}},
+             SHAPES_DETECTION[0], {**SHAPES_DETECTION[1], "proposals": True}),
 }
 
 
@@ -230,7 +236,7 @@ def test_tolerances_and_matching_rules() -> None:
 
 # -- predicting with the export ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["classification", "yolo", "mask_rcnn"])
+@pytest.mark.parametrize("name", ["classification", "yolo", "mask_rcnn", "fast_rcnn"])
 def test_predict_with_the_export_writes_what_pytorch_writes(runs: Path, tmp_path: Path, name: str) -> None:
     run = _run(runs, name)
     if not (run.export_dir / "model.json").is_file() or "onnx" not in json.loads((run.export_dir / "model.json").read_text())["formats"]:

@@ -12,7 +12,7 @@ import pytest
 from torch import nn
 
 from cvtasks import create_backbone, list_backbones, register_backbone
-from cvtasks.registry import UnknownBackboneError, get_backbone_entry
+from cvtasks.registry import UnknownBackboneError, get_backbone_entry, load_plugins
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,7 +25,13 @@ def test_builtin_plugins_found_through_entry_point_group():
     assert {"resnet18", "resnet50", "vgg16", "vgg16_bn"} <= set(list_backbones())
 
 
-def test_duplicate_name_is_an_error():
+def test_duplicate_name_is_an_error(monkeypatch: pytest.MonkeyPatch):
+    from cvtasks import registry
+
+    load_plugins()
+    # the test's net must not outlive it: the backbone table and the sweeps build every registered name
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+
     @register_backbone("_dup_test_net", family="test")
     class A(nn.Module):
         pass

@@ -81,7 +81,8 @@ class ProposalRCNN(nn.Module):
         """Losses in training, detections in eval, for ``images`` and their ``proposals``."""
         if proposals is None:
             raise ValueError(f"{type(self).__name__} needs proposals=[(P, 4) xyxy boxes per image]")
-        original = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        # the sizes as the shapes give them, not int(): a traced (exported) model then follows each image's size
+        original = [(img.shape[-2], img.shape[-1]) for img in images]
         batch, targets = self.transform(images, targets)
         rois = self._scaled(proposals, original, batch.image_sizes, batch.tensors.device)
         detections, losses = self.roi_heads(self.features(batch.tensors), rois, batch.image_sizes, targets)

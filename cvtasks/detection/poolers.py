@@ -20,7 +20,19 @@ from torch import Tensor
 from torchvision.ops import MultiScaleRoIAlign, roi_pool
 from torchvision.ops.poolers import LevelMapper
 
-__all__ = ["ROI_POOLERS", "MultiScaleRoIPool", "check_roi", "roi_pooler"]
+__all__ = ["ROI_POOLERS", "MultiScaleRoIPool", "check_roi", "pyramid_scale", "roi_pooler"]
+
+
+def pyramid_scale(feature_height: int, image_height: int) -> float:
+    """A feature map's scale (1 / its stride, a power of two) from its height and the batch's tallest image.
+
+    The batch is padded below the tallest image (to a multiple of the largest stride), so the map
+    covers at least ``image_height`` pixels and less than twice as many: the stride is the smallest
+    power of two with ``feature_height * stride >= image_height``. Rounding the ratio instead (as
+    torchvision's pooler does, once, on its first batch) takes stride 2 for stride 4 when the
+    padding is over a third of the image, as with a 38 px tall image padded to 64.
+    """
+    return 2.0 ** -math.ceil(math.log2(image_height / feature_height) - 1e-6)
 
 
 class MultiScaleRoIPool(MultiScaleRoIAlign):
@@ -48,9 +60,8 @@ class MultiScaleRoIPool(MultiScaleRoIAlign):
         feats = [v for k, v in x.items() if k in self.featmap_names]
         if not feats:
             raise ValueError(f"MultiScaleRoIPool found none of {self.featmap_names} among the features {list(x)}")
-        max_h = max(s[0] for s in image_shapes)
-        # the pyramid halves the resolution per level, so each scale is a power of two
-        scales = [2.0 ** round(math.log2(f.shape[-2] / max_h)) for f in feats]
+        max_h = max(int(s[0]) for s in image_shapes)
+        scales = [pyramid_scale(f.shape[-2], max_h) for f in feats]
         k_min, k_max = int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
         mapper = LevelMapper(k_min, k_max, self.canonical_scale, self.canonical_level)
         rois = torch.cat(
