@@ -27,7 +27,8 @@ from cvtasks.data.shapes import render_scene
 from cvtasks.export import Tolerances, exported_model, match_detections, task_export, validation_loader
 from cvtasks.runs import RunFolder
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# one xdist worker for the module: its runs and exports are made once and shared by its tests
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.xdist_group("export_runs")]
 
 S = 64
 DETECTION = {"backbone": "_tinynet", "min_size": S, "max_size": S, "neck_channels": 16}

@@ -76,8 +76,9 @@ def export_and_check(run_name: str, runs_dir: str, fmt: str, tol: Any, limit: in
     if not parity.ok:
         outcome["check_seconds"] = round(time.perf_counter() - start, 2)
         ex.update_json(report, {"run": run.name}, fmt, outcome)
+        hint = f"\n  note: {recipe.failure_hint}" if recipe.failure_hint else ""
         print(f"cvtasks: error: the {fmt} export of run {run.name!r} differs from PyTorch: worst is {parity.worst_sample}: "
-              f"{parity.worst.detail if parity.worst else ''}; report in {report}", file=sys.stderr)
+              f"{parity.worst.detail if parity.worst else ''}; report in {report}{hint}", file=sys.stderr)
         return 1
     pytorch = ex.validation_metrics(task, loader)
     with ex.standing_in(task, exported):
