@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..backbone import Backbone
 from ..registry import create_backbone
-from . import dense, rcnn
+from . import dense, rcnn, rfcn
 from .anchors import anchor_sizes
 from .dense import SSDFeatures
 from .neck import fpn_neck
@@ -83,6 +83,7 @@ DETECTORS: dict[str, DetectorSpec] = {
     "fcos": DetectorSpec(dense.fcos, fpn_neck("p6p7"), min_stride=8, label_offset=0),
     "ssd": DetectorSpec(dense.ssd, dense.ssd_features, min_stride=8, label_offset=1),
     "yolo": DetectorSpec(YOLODetector, fpn_neck("none"), min_stride=8, label_offset=0),
+    "rfcn": DetectorSpec(rfcn.rfcn, fpn_neck("maxpool"), min_stride=4, label_offset=1),
 }
 
 # what build_detector fills itself: never a detector_kwargs key
