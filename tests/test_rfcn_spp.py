@@ -90,10 +90,10 @@ def test_classification_task_picks_the_spp_head_and_rejects_bad_heads() -> None:
 
 @pytest.fixture(scope="module")
 def pyramid() -> tuple["OrderedDict[str, Tensor]", list[Tensor]]:
-    """Random stride-4 and stride-8 maps of a 128 px image, and boxes of many sizes on two images."""
+    """Random stride-4 and stride-8 maps of a 128 px image, and boxes of many sizes inside it on two images."""
     g = torch.Generator().manual_seed(0)
     feats = OrderedDict((f"p{k}", torch.randn(2, 4, 128 // 2**k, 128 // 2**k, generator=g)) for k in (2, 3))
-    xy = torch.rand(2, 12, 2, generator=g) * 90
+    xy = torch.rand(2, 12, 2, generator=g) * 80  # x2, y2 < 120: the RoIs end inside both maps
     wh = 3 + torch.rand(2, 12, 2, generator=g) * 35
     return feats, [torch.cat([xy[i], xy[i] + wh[i]], dim=1) for i in range(2)]
 

@@ -84,10 +84,11 @@ class MultiScaleSpatialPyramidPool(MultiScaleRoIPool):
 
     Each RoI is pooled from the level RoIPool assigns it to (Eqn. 1 of the FPN paper) into one
     ``L x L`` grid with ``L = lcm(bins)``, and :class:`~cvtasks.layers.SpatialPyramidPooling` reads
-    the ``b x b`` levels off that grid. That is exact, not an approximation: RoIPool's bin ``i`` of
-    ``n`` spans ``floor(i*h/n)`` to ``ceil((i+1)*h/n)``, so the union of ``L/b`` neighbouring grid
-    bins is RoIPool's bin of ``b``, and the max over the union is the max over that bin. Output:
-    ``(number of boxes, C * sum(b**2))``.
+    the ``b x b`` levels off that grid. That is RoIPool at each bin count, not an approximation:
+    RoIPool's bin ``i`` of ``n`` spans ``floor(i*h/n)`` to ``ceil((i+1)*h/n)``, so the union of
+    ``L/b`` neighbouring grid bins is RoIPool's bin of ``b``, and the max over the union is the max
+    over that bin. (Only a RoI reaching past the map's last cell can differ: RoIPool fills a grid
+    bin that falls wholly outside with 0.) Output: ``(number of boxes, C * sum(b**2))``.
     """
 
     def __init__(
