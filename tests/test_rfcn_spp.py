@@ -171,7 +171,7 @@ def test_rfcn_score_maps_have_the_papers_channel_counts(k: int) -> None:
     assert isinstance(heads, PositionSensitiveRoIHeads) and heads.head.k == k
     assert heads.head.class_maps.out_channels == k * k * (K + 1)  # k^2 (C+1): class 0 is background
     assert heads.head.box_maps.out_channels == 4 * k * k  # class-agnostic boxes
-    assert heads.level == "p4" and heads.head.stride == 16
+    assert heads.level == "p3" and heads.head.stride == 8
     # the sampling and inference settings are torchvision's RoIHeads', built from FasterRCNN's box_* keywords
     assert heads.fg_bg_sampler.batch_size_per_image == 64 and heads.score_thresh == 0.05
 

@@ -4,10 +4,13 @@ Faster R-CNN's two stages, with the per-RoI box head replaced by convolutions ov
 
 - proposals from torchvision's RPN over the feature pyramid, exactly as our Faster R-CNN makes
   them (:mod:`.rcnn`: anchors ``anchor_scale * stride`` per level, the small-image sampling sizes);
-- on one pyramid level, the one at ``score_stride`` (16 by default: FPN's P4, which carries the
-  top-down semantics of P5, standing in for the paper's dilated stride-16 conv5), a 1x1
-  convolution to ``score_channels`` with a ReLU, then two sibling 1x1 convolutions: ``k*k*(C+1)``
-  position-sensitive class score maps and ``4*k*k`` class-agnostic box maps, as in the paper;
+- on one pyramid level, the one at ``score_stride``, a 1x1 convolution to ``score_channels`` with
+  a ReLU, then two sibling 1x1 convolutions: ``k*k*(C+1)`` position-sensitive class score maps and
+  ``4*k*k`` class-agnostic box maps, as in the paper. The paper reads a stride-16 map (dilated
+  conv5) of 600 px images; the default here is FPN's stride-8 P3, which carries the top-down
+  semantics of P4 and P5: the shapes' 15-50 px objects at 128 px are 1-3 cells at stride 16, where
+  a 7x7 grid of position-sensitive bins has little to tell apart (``score_stride=16`` trained to
+  about half of stride 8's mAP@0.5 after two epochs, docs/detection.md);
 - position-sensitive RoI pooling, ``torchvision.ops.ps_roi_align`` with a ``k x k`` output: bin
   ``(i, j)`` of output channel ``c`` reads input channel ``c*k*k + i*k + j`` only (torchvision's
   layout), so each bin of a RoI sees the maps made for that relative position;
@@ -130,7 +133,7 @@ def rfcn(
     image_mean: Sequence[float],
     image_std: Sequence[float],
     k: int = 7,
-    score_stride: int = 16,
+    score_stride: int = 8,
     score_channels: int = 256,
     anchor_scale: float = 4.0,
     aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
@@ -139,7 +142,7 @@ def rfcn(
     """R-FCN on ``neck``: torchvision's FasterRCNN (transform, RPN) with position-sensitive RoI heads.
 
     ``k``: bins per side of the position-sensitive pooling (the paper's 7; 3 gives a lighter head,
-    any positive integer is valid). ``score_stride``: the neck level the score maps are made on.
+    any positive integer is valid). ``score_stride``: the neck level the score maps are made on (16 is the paper's).
     ``score_channels``: width of the 1x1 layer before them. ``anchor_scale``/``aspect_ratios``: the
     RPN's anchors, as Faster R-CNN's. ``kwargs`` override torchvision's FasterRCNN keywords
     (``rpn_*``, ``box_score_thresh``, ``box_batch_size_per_image``, ...).
