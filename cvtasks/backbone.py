@@ -12,7 +12,7 @@ from typing import Any, Iterable, Mapping, NamedTuple, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .layers import SUPPORTED_OUTPUT_STRIDES, check_input_side
+from .layers import SUPPORTED_OUTPUT_STRIDES, SpatialPyramidPooling, check_input_side
 from .registry import get_backbone_entry, list_backbones
 from .weights import backbone_weights, read_weights_file, weights_from_checkpoint
 
@@ -26,6 +26,8 @@ __all__ = [
     "StagedBackbone",
     "Classifier",
     "GlobalPoolLinear",
+    "SpatialPyramidLinear",
+    "CLASSIFICATION_HEADS",
     "create_classifier",
     "load_state_dict_file",
     "adapt_input_conv",
@@ -418,6 +420,29 @@ class GlobalPoolLinear(nn.Module):
         return self.fc(self.dropout(x))
 
 
+class SpatialPyramidLinear(nn.Module):
+    """SPP-net's classifier (He et al., ECCV 2014): spatial pyramid pooling of one level, then a linear layer ``fc``.
+
+    The pyramid (``bins`` per side, {1, 2, 4} by default: the paper's 3-level pyramid) gives
+    ``in_channels * sum(b**2)`` features at any map size, so the classifier takes images of any size.
+    """
+
+    def __init__(self, feature: str, in_channels: int, num_classes: int, bins: Sequence[int] = (1, 2, 4),
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.feature = feature
+        self.spp = SpatialPyramidPooling(bins)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(self.spp.out_features(in_channels), num_classes)
+
+    def forward(self, feats: dict[str, Tensor]) -> Tensor:
+        return self.fc(self.dropout(self.spp(feats[self.feature])))
+
+
+#: classification heads chosen by name in place of the net's own (``head=None``)
+CLASSIFICATION_HEADS = ("spp",)
+
+
 class Classifier(nn.Module):
     """A backbone and its classification head: images in, logits out."""
 
@@ -454,16 +479,33 @@ def create_classifier(
     *,
     pretrained: str | os.PathLike | None = None,
     dropout: float | None = None,
+    head: str | None = None,
+    head_kwargs: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> Classifier:
-    """Build backbone ``name`` with its documented classification head for ``num_classes``.
+    """Build backbone ``name`` with its documented classification head (or ``head``) for ``num_classes``.
 
     ``pretrained`` loads the reference implementation's full state_dict (head included when
-    ``num_classes`` matches the file's).
+    ``num_classes`` matches the file's). ``head="spp"`` puts :class:`SpatialPyramidLinear` on the
+    last level instead of the net's own head, so any input size is accepted; ``head_kwargs`` go to
+    it (``bins``).
     """
+    if head is not None and head not in CLASSIFICATION_HEADS:
+        raise ValueError(f"unknown classification head {head!r}; choose null (the net's own head) or one of "
+                         f"{list(CLASSIFICATION_HEADS)} (spp: spatial pyramid pooling + linear, any input size)")
+    head_kwargs = dict(head_kwargs or {})
+    if head is None and head_kwargs:
+        raise ValueError(f"head_kwargs {head_kwargs} need a named head (head: spp); the net's own head takes none")
+    if set(head_kwargs) - {"bins"}:
+        raise ValueError(f"head {head!r} takes only 'bins' in head_kwargs (bins per side, e.g. [1, 2, 4]); "
+                         f"got {sorted(head_kwargs)}")
     backbone = get_backbone_entry(name).build(**kwargs)
-    head = backbone.build_head(num_classes) if dropout is None else backbone.build_head(num_classes, dropout=dropout)
-    model = Classifier(backbone, head)
+    if head == "spp":
+        last = backbone.feature_info[-1]
+        head_module = SpatialPyramidLinear(last.name, last.channels, num_classes, dropout=dropout or 0.0, **head_kwargs)
+    else:
+        head_module = backbone.build_head(num_classes) if dropout is None else backbone.build_head(num_classes, dropout=dropout)
+    model = Classifier(backbone, head_module)
     if pretrained is not None and not weights_from_checkpoint():
         model.load_pretrained(backbone_weights(get_backbone_entry(name), pretrained))
     return model

@@ -29,6 +29,7 @@ __all__ = [
     "BilinearUpsample",
     "DepthwisePool",
     "GlobalAvgPool",
+    "SpatialPyramidPooling",
     "NearestUnpool",
     "BedOfNailsUnpool",
     "MaxUnpool",
@@ -277,6 +278,40 @@ class GlobalAvgPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x.mean(dim=(2, 3), keepdim=self.keepdim)
+
+
+class SpatialPyramidPooling(nn.Module):
+    """SPP-net's pooling (He et al., Spatial Pyramid Pooling in Deep Convolutional Networks, ECCV 2014).
+
+    Each pyramid level splits the map into ``b x b`` bins and max-pools each; the levels are
+    flattened and concatenated, bins of one level channel-major ((B, C, b, b).flatten(1)), levels in
+    the order of ``bins``. The output has ``C * sum(b**2)`` features whatever the input's height and
+    width, so a linear layer after it accepts any input size. The bins follow adaptive pooling
+    (bin ``i`` of ``b`` spans ``floor(i*H/b)`` to ``ceil((i+1)*H/b)``), so a map smaller than ``b``
+    still fills every bin. The paper's classification nets use {1, 2, 4} (3 levels) and {1, 2, 3, 6};
+    its detector {1, 2, 3, 6}.
+    """
+
+    def __init__(self, bins: Sequence[int] = (1, 2, 4)) -> None:
+        super().__init__()
+        bins = tuple(bins)
+        if not bins or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in bins):
+            raise ValueError(f"spatial pyramid bins must be positive integers (bins per side), e.g. (1, 2, 4); got {bins}")
+        if len(set(bins)) != len(bins):
+            raise ValueError(f"spatial pyramid bins {bins} repeat a level; give each bin count once, e.g. (1, 2, 4)")
+        self.bins = bins
+
+    def out_features(self, channels: int) -> int:
+        """Length of the output for ``channels``-wide maps: ``channels * sum(b**2)``."""
+        return channels * sum(b * b for b in self.bins)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            raise ValueError(
+                f"SpatialPyramidPooling needs (B, C, H, W) maps, got shape {tuple(x.shape)}; a token sequence "
+                f"(a transformer's level) has no grid to pool: use the net's own head"
+            )
+        return torch.cat([F.adaptive_max_pool2d(x, b).flatten(1) for b in self.bins], dim=1)
 
 
 class NearestUnpool(nn.Module):

@@ -263,7 +263,9 @@ def test_rcnn_benchmark_times_every_detector_and_reads_given_runs(tmp_path: Path
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "---" not in line}
     # every detector without masks in the table has its row, R-CNN (also at the paper's warp) and Fast R-CNN first
     assert len(rows) - 1 == len(bench.lineup())
-    assert list(rows)[1:4] == ["R-CNN (`rcnn`)", "R-CNN, the paper's 227 px warp (`rcnn:crop_size=227`)", "Fast R-CNN (`fast_rcnn`)"]
+    assert list(rows)[1:7] == ["R-CNN (`rcnn`)", "R-CNN, the paper's 227 px warp (`rcnn:crop_size=227`)",
+                               "SPP-net pooling (`faster_rcnn:roi=spp`)", "Fast R-CNN (`fast_rcnn`)",
+                               "Faster R-CNN (`faster_rcnn`)", "R-FCN (`rfcn`)"]  # the lecture's order
     assert all(any(f"`{n}`" in r or r.startswith(f"| {n} |") for r in rows.values()) for n, s in DETECTORS.items() if not s.masks)
     fast = [c.strip() for c in rows["Fast R-CNN (`fast_rcnn`)"].split("|")[1:-1]]
     assert float(fast[1]) > 0 and fast[4] == "1.00x" and fast[6:] == ["0.750", "0.500"]  # proposals timed apart; the run's mAP

@@ -38,7 +38,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..backbone import Backbone
 from ..registry import create_backbone
-from . import dense, fast_rcnn, rcnn
+from . import dense, fast_rcnn, rcnn, rfcn
 from .anchors import anchor_sizes
 from .dense import SSDFeatures
 from .neck import fpn_neck
@@ -90,6 +90,7 @@ DETECTORS: dict[str, DetectorSpec] = {
     "yolo": DetectorSpec(YOLODetector, fpn_neck("none"), min_stride=8, label_offset=0),
     "fast_rcnn": DetectorSpec(fast_rcnn.fast_rcnn, fpn_neck("none"), min_stride=4, label_offset=1, proposals=True),
     "rcnn": DetectorSpec(fast_rcnn.rcnn, fast_rcnn.crop_features, min_stride=4, label_offset=1, proposals=True),
+    "rfcn": DetectorSpec(rfcn.rfcn, fpn_neck("maxpool"), min_stride=4, label_offset=1),
 }
 
 # what build_detector fills itself: never a detector_kwargs key

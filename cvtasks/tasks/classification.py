@@ -21,20 +21,25 @@ __all__ = ["ClassificationTask"]
 class ClassificationTask(BaseTask):
     """Classify images with ``create_classifier(backbone, num_classes)``.
 
-    Logs ``{train,val,test}/loss``, ``/acc`` (top-1) and ``/acc_top5`` (only with more than 5 classes).
+    ``head``: null for the net's own head (its classifier, or global average pooling and a linear
+    layer), ``spp`` for SPP-net's spatial pyramid pooling and a linear layer, which takes images of
+    any size (``head_kwargs: {bins: [1, 2, 4]}``, the default, sets the bins per side). Logs ``{train,val,test}/loss``, ``/acc`` (top-1) and
+    ``/acc_top5`` (only with more than 5 classes).
     """
 
     monitor = "val/acc"
     monitor_mode = "max"
 
-    def __init__(self, *, label_smoothing: float = 0.0, dropout: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, *, label_smoothing: float = 0.0, dropout: float | None = None, head: str | None = None,
+                 head_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.save_hyperparameters()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.label_smoothing = label_smoothing
         self.model = create_classifier(
-            self.backbone_name, self.num_classes, pretrained=self.pretrained, dropout=dropout, **self.backbone_kwargs
+            self.backbone_name, self.num_classes, pretrained=self.pretrained, dropout=dropout, head=head,
+            head_kwargs=head_kwargs, **self.backbone_kwargs
         )
         # one metric object per stage (ModuleDict keys may not shadow Module.train, hence the suffix)
         self.metrics = torch.nn.ModuleDict({f"{s}_metrics": self._make_metrics(s) for s in ("train", "val", "test")})

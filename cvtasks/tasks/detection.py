@@ -42,8 +42,8 @@ class DetectionTask(BaseTask):
     """Detect objects with ``build_detector(detector, backbone, num_classes)`` behind a feature pyramid.
 
     ``detector``: a name from the detector table (``cvtasks.detection.DETECTORS``, ``make help``
-    lists them); this task takes those without masks. ``roi``: align (RoIAlign) or pool (RoIPool)
-    for the two-stage detectors; None leaves the detector's own (RoIPool for Fast R-CNN, else RoIAlign). ``min_size``/``max_size``: the detector's resize bounds (set to the
+    lists them); this task takes those without masks. ``roi``: align (RoIAlign), pool (RoIPool)
+    or spp (SPP-net's pyramid, not for masks) for the two-stage detectors; None leaves the detector's own (RoIPool for Fast R-CNN, else RoIAlign). ``min_size``/``max_size``: the detector's resize bounds (set to the
     data's image size so nothing is resized; the CLI does so where the config leaves them null).
     ``neck_channels``: width of the feature pyramid (None: 128, or what a pretrained preset needs).
     ``detector_kwargs``: the detector's own keywords (``detector_keywords(detector)`` lists them:
