@@ -37,6 +37,7 @@ from ..backbone import Backbone
 from ..registry import create_backbone
 from . import dense, rcnn
 from .anchors import anchor_sizes
+from .cornernet import CornerNet
 from .dense import SSDFeatures
 from .neck import fpn_neck
 from .poolers import ROI_POOLERS, MultiScaleRoIPool, check_roi
@@ -83,6 +84,7 @@ DETECTORS: dict[str, DetectorSpec] = {
     "fcos": DetectorSpec(dense.fcos, fpn_neck("p6p7"), min_stride=8, label_offset=0),
     "ssd": DetectorSpec(dense.ssd, dense.ssd_features, min_stride=8, label_offset=1),
     "yolo": DetectorSpec(YOLODetector, fpn_neck("none"), min_stride=8, label_offset=0),
+    "cornernet": DetectorSpec(CornerNet, fpn_neck("none"), min_stride=4, label_offset=0),
 }
 
 # what build_detector fills itself: never a detector_kwargs key
