@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
+from conftest import check_outcomes
 from cvtasks.data.detection import ShapesDetectionDataModule
 from cvtasks.detection import build_detector, detector_keywords
 from cvtasks.detection.cornernet import (CORNERS, CornerNet, corner_focal_loss, corner_heatmaps, corner_pool,
@@ -135,8 +136,9 @@ def test_decoding_recovers_boxes_from_ideal_predictions() -> None:
     det = _cornernet()
     out = _ideal(det, BOXES, LABELS, (32, 32))
     (boxes, scores, labels), = decode_corners(*zip(*(out[c] for c in CORNERS)), stride=4)
-    best = scores.argsort(descending=True)[:3]
-    assert scores[best].tolist() == pytest.approx([1.0] * 3, abs=1e-4) and bool((scores[scores.argsort(descending=True)[3:]] < 0.01).all())
+    order = scores.argsort(descending=True)
+    best = order[:3]
+    assert scores[best].tolist() == pytest.approx([1.0] * 3, abs=1e-4) and bool((scores[order[3:]] < 0.01).all())
     found = sorted(zip(boxes[best].tolist(), labels[best].tolist()))
     expected = sorted(zip(BOXES.tolist(), LABELS.tolist()))
     for (b, l), (eb, el) in zip(found, expected):
@@ -220,3 +222,37 @@ def test_trains_and_evaluates_through_detection_task() -> None:
     losses = task.model(images, targets)
     assert set(losses) == {"loss_heatmap", "loss_pull", "loss_push", "loss_offset"}
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+#: overfitting one image: mean of the last five losses over the first five; the IoU of the best
+#: detection with the object of its class (0 when its class is neither object's)
+OVERFIT_LIMITS = {"loss_ratio": ("<", 0.5), "best_iou": (">", 0.5)}
+
+
+def overfit_one_image(seed: int = 0, steps: int = 100) -> dict[str, float]:
+    """``steps`` Adam steps of CornerNet on one 64-pixel image with two objects, then its best detection."""
+    torch.manual_seed(seed)
+    det = build_detector("cornernet", "_tinynet", K, min_size=64, neck_channels=16)
+    image = torch.rand(3, 64, 64)
+    image[:, 8:30, 6:34] = torch.tensor([1.0, 0.2, 0.2])[:, None, None]
+    image[:, 36:60, 40:62] = torch.tensor([0.2, 0.2, 1.0])[:, None, None]
+    boxes, labels = torch.tensor([[6.0, 8.0, 34.0, 30.0], [40.0, 36.0, 62.0, 60.0]]), torch.tensor([0, 2])
+    opt = torch.optim.Adam(det.parameters(), lr=3e-3)
+    det.train()
+    history = []
+    for _ in range(steps):
+        loss = sum(det([image], [{"boxes": boxes, "labels": labels}]).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    det.eval()
+    with torch.no_grad():
+        out = det([image])[0]
+    label = int(out["labels"][0])
+    iou = float(box_iou(out["boxes"][:1], boxes[labels == label]).max()) if label in labels.tolist() else 0.0
+    return {"loss_ratio": (sum(history[-5:]) / 5) / (sum(history[:5]) / 5), "best_iou": iou}
+
+
+def test_overfitting_one_image_finds_an_object() -> None:
+    check_outcomes(overfit_one_image(0), OVERFIT_LIMITS)

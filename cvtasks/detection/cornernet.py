@@ -250,7 +250,7 @@ def decode_corners(
 
 
 class CornerNet(nn.Module):
-    """CornerNet on the finest level of a feature-pyramid neck (one with ``out_channels``, ``strides``, ``level_names``)."""
+    """CornerNet on the finest level of a feature-pyramid neck (with ``out_channels``, ``strides``, ``level_names``)."""
 
     def __init__(
         self,
@@ -278,12 +278,15 @@ class CornerNet(nn.Module):
     ) -> None:
         super().__init__()
         if not 0 < gaussian_iou < 1:
-            raise ValueError(f"CornerNet's gaussian_iou is the IoU a box within the radius keeps, in (0, 1); got {gaussian_iou}")
-        for name, value in (("pool_channels", pool_channels), ("topk", topk), ("detections_per_img", detections_per_img)):
+            raise ValueError(f"CornerNet's gaussian_iou is the IoU a box within the radius keeps, in (0, 1); "
+                             f"got {gaussian_iou}")
+        counts = {"pool_channels": pool_channels, "topk": topk, "detections_per_img": detections_per_img}
+        for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"CornerNet's {name} must be at least 1, got {value}")
         if embed_thresh <= 0 or push_margin <= 0:
-            raise ValueError(f"CornerNet's embed_thresh and push_margin must be positive, got {embed_thresh}, {push_margin}")
+            raise ValueError(f"CornerNet's embed_thresh and push_margin must be positive, "
+                             f"got {embed_thresh}, {push_margin}")
         self.backbone = neck
         self.level = neck.level_names[0]
         self.stride = int(neck.strides[0])
@@ -316,32 +319,29 @@ class CornerNet(nn.Module):
                      targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """The focal, pull, push and offset losses for a batch of head outputs and (transformed) targets."""
         size = tuple(outputs[CORNERS[0]][0].shape[-2:])
-        focal = outputs[CORNERS[0]][0].sum() * 0
-        offset = focal.clone()
-        pull, push = [], []
-        num_objects = 0
         heat_targets: dict[str, list[Tensor]] = {c: [] for c in CORNERS}
+        pull, push, offset = [], [], []
         for i, t in enumerate(targets):
-            cells, offs, radii = self._corner_cells(t["boxes"], size)
-            num_objects += len(radii)
+            cells, offsets, radii = self._corner_cells(t["boxes"], size)
             embeddings = []
             for k, corner in enumerate(CORNERS):
-                heat, embed, off = outputs[corner]
+                _, embed, predicted_offset = outputs[corner]
                 heat_targets[corner].append(corner_heatmaps(cells[k], t["labels"], radii, self.num_classes, size))
                 places = cells[k, :, 1] * size[1] + cells[k, :, 0]
                 embeddings.append(embed[i].flatten()[places])
-                offset = offset + F.smooth_l1_loss(off[i].flatten(1)[:, places].t(), offs[k], reduction="sum")
+                at_corners = predicted_offset[i].flatten(1)[:, places].t()
+                offset.append(F.smooth_l1_loss(at_corners, offsets[k], reduction="sum"))
             p, q = pull_push_loss(*embeddings, margin=self.push_margin)
             pull.append(p)
             push.append(q)
-        for corner in CORNERS:
-            focal = focal + corner_focal_loss(outputs[corner][0], torch.stack(heat_targets[corner]),
-                                              self.focal_alpha, self.focal_beta)
+        focal = sum(corner_focal_loss(outputs[c][0], torch.stack(heat_targets[c]), self.focal_alpha, self.focal_beta)
+                    for c in CORNERS)
+        num_objects = max(sum(len(t["boxes"]) for t in targets), 1)
         return {
             "loss_heatmap": focal,
             "loss_pull": self.pull_weight * torch.stack(pull).mean(),
             "loss_push": self.push_weight * torch.stack(push).mean(),
-            "loss_offset": self.offset_weight * offset / max(num_objects, 1),
+            "loss_offset": self.offset_weight * torch.stack(offset).sum() / num_objects,
         }
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
@@ -350,7 +350,8 @@ class CornerNet(nn.Module):
         original_sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
         batch, targets = self.transform(images, targets)
         feature = self.backbone(batch.tensors)[self.level]
-        outputs = {c: head(feature) for c, head in self.heads.items()}
+        # fp32 from here under autocast: the losses' logs, and corner positions in pixels
+        outputs = {c: tuple(o.float() for o in head(feature)) for c, head in self.heads.items()}
         if self.training:
             assert targets is not None
             return self.compute_loss(outputs, targets)
