@@ -49,6 +49,7 @@ RUNS: dict[str, tuple[str, dict[str, Any], str, dict[str, Any]]] = {
     "yolo": ("cvtasks.tasks.detection.DetectionTask", {**DETECTION, "detector": "yolo", "detector_kwargs": {"score_thresh": 1e-5}},
              *SHAPES_DETECTION),
     "rfcn": ("cvtasks.tasks.detection.DetectionTask", {**DETECTION, "detector": "rfcn"}, *SHAPES_DETECTION),
+    "cornernet": ("cvtasks.tasks.detection.DetectionTask", {**DETECTION, "detector": "cornernet"}, *SHAPES_DETECTION),
     # the proposal detectors take the data's selective-search proposals as the file's second input
     "fast_rcnn": ("cvtasks.tasks.detection.DetectionTask", {**DETECTION, "detector": "fast_rcnn"},
                   SHAPES_DETECTION[0], {**SHAPES_DETECTION[1], "proposals": True}),

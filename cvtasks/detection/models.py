@@ -40,6 +40,7 @@ from ..backbone import Backbone
 from ..registry import create_backbone
 from . import dense, fast_rcnn, rcnn, rfcn
 from .anchors import anchor_sizes
+from .cornernet import CornerNet
 from .dense import SSDFeatures
 from .neck import fpn_neck
 from .poolers import ROI_POOLERS, MultiScaleRoIPool, check_roi
@@ -91,6 +92,7 @@ DETECTORS: dict[str, DetectorSpec] = {
     "fast_rcnn": DetectorSpec(fast_rcnn.fast_rcnn, fpn_neck("none"), min_stride=4, label_offset=1, proposals=True),
     "rcnn": DetectorSpec(fast_rcnn.rcnn, fast_rcnn.crop_features, min_stride=4, label_offset=1, proposals=True),
     "rfcn": DetectorSpec(rfcn.rfcn, fpn_neck("maxpool"), min_stride=4, label_offset=1),
+    "cornernet": DetectorSpec(CornerNet, fpn_neck("none"), min_stride=4, label_offset=0),
 }
 
 # what build_detector fills itself: never a detector_kwargs key
