@@ -359,8 +359,12 @@ class DetectionExport(TaskExport):
     def sizes(self, inputs: list[Tensor]) -> list[tuple[int, int]]:
         return [tuple(x.shape[-2:]) for x in inputs]
 
+    def __init__(self, score_cut: float | None = None) -> None:
+        #: the detector's score threshold: a detection scored at it may fall either side in the file
+        self.score_cut = score_cut
+
     def compare(self, ref: dict[str, Tensor], got: dict[str, Tensor], tol: Tolerances) -> Verdict:
-        return match_detections(ref, got, tol)
+        return match_detections(ref, got, tol, self.score_cut)
 
     def describe(self, task: BaseTask, datamodule: Any) -> dict[str, Any]:
         outputs = {
@@ -449,22 +453,33 @@ class ProposalDetectionExport(DetectionExport):
         return ["region proposals by selective search on the image (cvtasks.detection.proposals), given as 'proposals'"]
 
 
+def score_threshold(model: nn.Module) -> float | None:
+    """The score below which ``model`` (a detector, or its torchvision model or RoI heads) drops detections."""
+    inner = getattr(model, "model", model)
+    for part in (inner, getattr(inner, "roi_heads", None)):
+        cut = getattr(part, "score_thresh", None)
+        if isinstance(cut, (int, float)) and not isinstance(cut, bool):
+            return float(cut)
+    return None
+
+
 def task_export(task: BaseTask) -> TaskExport:
     """The export recipe for ``task``'s kind, found by its type (a subclass takes its parent's)."""
     from .tasks.classification import ClassificationTask
     from .tasks.detection import DetectionTask, InstanceSegmentationTask
     from .tasks.segmentation import SemanticSegmentationTask
 
+    cut = score_threshold(task.model)
     recipes: list[tuple[type, TaskExport]] = [
-        (InstanceSegmentationTask, InstanceSegmentationExport()),  # before its parent, DetectionTask
-        (DetectionTask, DetectionExport()),
+        (InstanceSegmentationTask, InstanceSegmentationExport(cut)),  # before its parent, DetectionTask
+        (DetectionTask, DetectionExport(cut)),
         (SemanticSegmentationTask, SegmentationExport()),
         (ClassificationTask, ClassificationExport()),
     ]
     for cls, recipe in recipes:
         if isinstance(task, cls):
             if isinstance(recipe, DetectionExport) and getattr(task.model, "proposals", False):
-                return ProposalDetectionExport()
+                return ProposalDetectionExport(cut)
             return recipe
     raise ValueError(f"no export recipe for {type(task).__name__}; cvtasks exports "
                      f"{', '.join(c.__name__ for c, _ in recipes)} (add one in cvtasks/export.py)")
@@ -493,13 +508,16 @@ def _pairwise_iou(a: Tensor, b: Tensor, same_px: float = 1e-2) -> Tensor:
     return torch.where(torch.isnan(iou), coincide.float(), iou)
 
 
-def match_detections(ref: dict[str, Tensor], got: dict[str, Tensor], tol: Tolerances) -> Verdict:
+def match_detections(ref: dict[str, Tensor], got: dict[str, Tensor], tol: Tolerances,
+                     score_cut: float | None = None) -> Verdict:
     """Pair each PyTorch detection with the exported one of the same label it overlaps most, best scores first.
 
     Pairs must overlap with IoU >= ``box_iou`` and score within ``score_atol`` (masks: IoU >=
     ``mask_iou``). Detections left without a partner pass only as swaps at the bottom of both
     lists (a top-k or threshold cut between two nearly equal scores): as many on each side, each
-    within ``score_atol`` of its counterpart and of its own list's lowest score.
+    within ``score_atol`` of its counterpart and of its own list's lowest score; or, given the
+    detector's score threshold ``score_cut``, as detections scored within ``score_atol`` of it,
+    which float noise puts on either side of the cut.
     """
     rb, gb = ref["boxes"].float().reshape(-1, 4), got["boxes"].float().reshape(-1, 4)
     rl, gl = ref["labels"].reshape(-1), got["labels"].reshape(-1).to(ref["labels"].dtype)
@@ -536,8 +554,11 @@ def match_detections(ref: dict[str, Tensor], got: dict[str, Tensor], tol: Tolera
                      and all(abs(a - b) <= tol.score_atol for a, b in zip(lone_r, lone_g))
                      and all(a <= float(rs.min()) + tol.score_atol for a in lone_r)
                      and all(b <= float(gs.min()) + tol.score_atol for b in lone_g))
+        at_cut = score_cut is not None and all(abs(x - score_cut) <= tol.score_atol for x in lone_r + lone_g)
         if at_bottom:
             detail += f"; {len(lone_r)} swapped at the bottom of the list"
+        elif at_cut:
+            detail += f"; {len(lone_r) + len(lone_g)} on either side of the score threshold {score_cut:g}"
         else:
             excess = math.inf
             side, scores = ("PyTorch", lone_r) if lone_r else ("the export", lone_g)

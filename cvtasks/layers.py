@@ -311,7 +311,17 @@ class SpatialPyramidPooling(nn.Module):
                 f"SpatialPyramidPooling needs (B, C, H, W) maps, got shape {tuple(x.shape)}; a token sequence "
                 f"(a transformer's level) has no grid to pool: use the net's own head"
             )
-        return torch.cat([F.adaptive_max_pool2d(x, b).flatten(1) for b in self.bins], dim=1)
+        return torch.cat([self._level(x, b).flatten(1) for b in self.bins], dim=1)
+
+    @staticmethod
+    def _level(x: Tensor, b: int) -> Tensor:
+        """One level's ``b x b`` bins. Where ``b`` divides the map the adaptive bins are plain windows, and
+        max_pool2d (which ONNX has; adaptive pooling to a size it cannot read it has not) gives them exactly."""
+        # Python ints: a traced model keeps the window as a constant (RoI pooling's grid has a fixed size)
+        h, w = int(x.shape[-2]), int(x.shape[-1])
+        if h % b == 0 and w % b == 0:
+            return F.max_pool2d(x, (h // b, w // b))
+        return F.adaptive_max_pool2d(x, b)
 
 
 class NearestUnpool(nn.Module):

@@ -49,6 +49,7 @@ RUNS: dict[str, tuple[str, dict[str, Any], str, dict[str, Any]]] = {
     "yolo": ("cvtasks.tasks.detection.DetectionTask", {**DETECTION, "detector": "yolo", "detector_kwargs": {"score_thresh": 1e-5}},
              *SHAPES_DETECTION),
     "rfcn": ("cvtasks.tasks.detection.DetectionTask", {**DETECTION, "detector": "rfcn"}, *SHAPES_DETECTION),
+    "spp": ("cvtasks.tasks.detection.DetectionTask", {**DETECTION, "detector": "faster_rcnn", "roi": "spp"}, *SHAPES_DETECTION),
     "cornernet": ("cvtasks.tasks.detection.DetectionTask", {**DETECTION, "detector": "cornernet"}, *SHAPES_DETECTION),
     # the proposal detectors take the data's selective-search proposals as the file's second input
     "fast_rcnn": ("cvtasks.tasks.detection.DetectionTask", {**DETECTION, "detector": "fast_rcnn"},
@@ -235,6 +236,12 @@ def test_tolerances_and_matching_rules() -> None:
     assert match_detections({**ref, "masks": tiny}, {**ref, "masks": noisy}, tol).ok
     noisy[:, :, 5, 0] = 0.9  # a pixel PyTorch is sure of, lost in a 16-pixel mask
     assert not match_detections({**ref, "masks": tiny}, {**ref, "masks": noisy}, tol).ok
+    # a detection scored at the detector's threshold, kept by PyTorch and not by the file: float noise at the cut
+    at_cut = dets([[0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50], [60, 60, 70, 70]], [0, 1, 2, 0], [0.9, 0.5, 0.1, 0.05 + 1e-7])
+    assert not match_detections(at_cut, ref, tol).ok  # without the threshold it is a lost detection
+    verdict = match_detections(at_cut, ref, tol, score_cut=0.05)
+    assert verdict.ok and "either side of the score threshold 0.05" in verdict.detail
+    assert not match_detections(ref, at_cut, tol, score_cut=0.3).ok  # far from the cut: a real difference
 
 
 # -- predicting with the export ------------------------------------------------------------------------

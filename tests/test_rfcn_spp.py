@@ -44,6 +44,15 @@ def test_spp_layer_against_a_hand_computed_pyramid() -> None:
     assert out.tolist() == [expected]
 
 
+def test_spp_levels_are_adaptive_max_pooling_whether_or_not_the_bins_divide_the_map() -> None:
+    # where b divides the map the level is a plain max_pool2d (ONNX has it), else adaptive pooling
+    torch.manual_seed(0)
+    for h, w in ((6, 6), (12, 18), (7, 5), (3, 2)):
+        x = torch.randn(2, 3, h, w)
+        for b in (1, 2, 3, 6):
+            torch.testing.assert_close(SpatialPyramidPooling._level(x, b), torch.nn.functional.adaptive_max_pool2d(x, b))
+
+
 def test_spp_layer_output_length_does_not_depend_on_the_input_size() -> None:
     spp = SpatialPyramidPooling()  # the classification default {1, 2, 4}
     assert spp.bins == (1, 2, 4) and spp.out_features(8) == 8 * 21
