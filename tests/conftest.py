@@ -31,6 +31,32 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict[str, str] 
     )
 
 
+def two_object_image() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A 64-pixel noise image with a red box of class 0 and a blue box of class 2, and its target."""
+    image = torch.rand(3, 64, 64)
+    image[:, 8:30, 6:34] = torch.tensor([1.0, 0.2, 0.2])[:, None, None]
+    image[:, 36:60, 40:62] = torch.tensor([0.2, 0.2, 1.0])[:, None, None]
+    return image, {"boxes": torch.tensor([[6.0, 8.0, 34.0, 30.0], [40.0, 36.0, 62.0, 60.0]]), "labels": torch.tensor([0, 2])}
+
+
+def overfit_detector(det: torch.nn.Module, image: torch.Tensor, target: dict[str, torch.Tensor],
+                     steps: int, lr: float = 3e-3) -> tuple[float, dict[str, torch.Tensor]]:
+    """``steps`` Adam steps of ``det`` on one image: (mean of the last five losses over the first five, its detections)."""
+    opt = torch.optim.Adam(det.parameters(), lr=lr)
+    det.train()
+    history = []
+    for _ in range(steps):
+        loss = sum(det([image], [target]).values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    det.eval()
+    with torch.no_grad():
+        out = det([image])[0]
+    return (sum(history[-5:]) / 5) / (sum(history[:5]) / 5), out
+
+
 def check_outcomes(measured: dict[str, float], limits: dict[str, tuple[str, float]]) -> None:
     """Assert each measured training outcome against its limit ("<" or ">" a threshold).
 

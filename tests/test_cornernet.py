@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import box_iou
 
-from conftest import check_outcomes
+from conftest import check_outcomes, overfit_detector, two_object_image
 from cvtasks.data.detection import ShapesDetectionDataModule
 from cvtasks.detection import build_detector, detector_keywords
 from cvtasks.detection.cornernet import (CORNERS, CornerNet, _running_max_by_doubling, corner_focal_loss, corner_heatmaps,
@@ -247,25 +247,12 @@ def overfit_one_image(seed: int = 0, steps: int = 100) -> dict[str, float]:
     """``steps`` Adam steps of CornerNet on one 64-pixel image with two objects, then its best detection."""
     torch.manual_seed(seed)
     det = build_detector("cornernet", "_tinynet", K, min_size=64, neck_channels=16)
-    image = torch.rand(3, 64, 64)
-    image[:, 8:30, 6:34] = torch.tensor([1.0, 0.2, 0.2])[:, None, None]
-    image[:, 36:60, 40:62] = torch.tensor([0.2, 0.2, 1.0])[:, None, None]
-    boxes, labels = torch.tensor([[6.0, 8.0, 34.0, 30.0], [40.0, 36.0, 62.0, 60.0]]), torch.tensor([0, 2])
-    opt = torch.optim.Adam(det.parameters(), lr=3e-3)
-    det.train()
-    history = []
-    for _ in range(steps):
-        loss = sum(det([image], [{"boxes": boxes, "labels": labels}]).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history.append(loss.item())
-    det.eval()
-    with torch.no_grad():
-        out = det([image])[0]
+    image, target = two_object_image()
+    boxes, labels = target["boxes"], target["labels"]
+    ratio, out = overfit_detector(det, image, target, steps)
     label = int(out["labels"][0])
     iou = float(box_iou(out["boxes"][:1], boxes[labels == label]).max()) if label in labels.tolist() else 0.0
-    return {"loss_ratio": (sum(history[-5:]) / 5) / (sum(history[:5]) / 5), "best_iou": iou}
+    return {"loss_ratio": ratio, "best_iou": iou}
 
 
 def test_overfitting_one_image_finds_an_object() -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 
-from conftest import check_outcomes
+from conftest import check_outcomes, overfit_detector, two_object_image
 from cvtasks.detection import build_detector
 from cvtasks.detection.yolo import decode_boxes, encode_boxes, make_priors, select_detections, simota_assign
 
@@ -122,24 +122,9 @@ def overfit_one_image(seed: int = 0) -> dict[str, float]:
     """100 Adam steps of YOLO on one image with two objects (after 40 the ratio still reached 0.44 on some seeds)."""
     torch.manual_seed(seed)
     det = build_detector("yolo", "_tinynet", K, min_size=64, neck_channels=16)
-    image = torch.rand(3, 64, 64)
-    image[:, 8:30, 6:34] = torch.tensor([1.0, 0.2, 0.2])[:, None, None]
-    image[:, 36:60, 40:62] = torch.tensor([0.2, 0.2, 1.0])[:, None, None]
-    target = [{"boxes": torch.tensor([[6.0, 8.0, 34.0, 30.0], [40.0, 36.0, 62.0, 60.0]]), "labels": torch.tensor([0, 2])}]
-    opt = torch.optim.Adam(det.parameters(), lr=3e-3)
-    det.train()
-    history = []
-    for _ in range(100):
-        loss = sum(det([image], target).values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history.append(loss.item())
-    det.eval()
-    with torch.no_grad():
-        out = det([image])[0]
-    return {"loss_ratio": (sum(history[-5:]) / 5) / (sum(history[:5]) / 5),
-            "best_is_an_object_class": float(out["labels"][0].item() in (0, 2))}
+    image, target = two_object_image()
+    ratio, out = overfit_detector(det, image, target, 100)
+    return {"loss_ratio": ratio, "best_is_an_object_class": float(out["labels"][0].item() in (0, 2))}
 
 
 def test_loss_decreases_when_overfitting_one_image() -> None:
