@@ -337,6 +337,10 @@ class DetectionExport(TaskExport):
                     "which eager PyTorch runs class by class above 1000 candidates and a traced file as one NMS over "
                     "class-offset boxes: the two can keep different boxes (a barely trained model, a low score threshold)")
 
+    def __init__(self, score_cut: float | None = None) -> None:
+        #: the detector's score threshold: a detection scored at it may fall either side in the file
+        self.score_cut = score_cut
+
     def network(self, task: BaseTask) -> nn.Module:
         return _OneImageDetector(task.model, self.output_names)
 
@@ -358,10 +362,6 @@ class DetectionExport(TaskExport):
 
     def sizes(self, inputs: list[Tensor]) -> list[tuple[int, int]]:
         return [tuple(x.shape[-2:]) for x in inputs]
-
-    def __init__(self, score_cut: float | None = None) -> None:
-        #: the detector's score threshold: a detection scored at it may fall either side in the file
-        self.score_cut = score_cut
 
     def compare(self, ref: dict[str, Tensor], got: dict[str, Tensor], tol: Tolerances) -> Verdict:
         return match_detections(ref, got, tol, self.score_cut)
