@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "conv_out_size",
+    "exporting",
     "receptive_field",
     "min_input_side",
     "check_input_side",
@@ -278,6 +279,11 @@ class GlobalAvgPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x.mean(dim=(2, 3), keepdim=self.keepdim)
+
+
+def exporting() -> bool:
+    """A model is being traced (torch.jit.trace) or exported to ONNX: ops that the formats lack take another form."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 class SpatialPyramidPooling(nn.Module):

@@ -31,6 +31,19 @@ def run_cli(args: list[str], cwd: Path, timeout: int = 600, env: dict[str, str] 
     )
 
 
+#: LeNet-5 at its native 32 px on 30 scenes, one epoch: a fit trains and is evaluated in about the time Python takes to start
+TINY_CLASSIFICATION_FIT = [
+    "--config", "configs/classification.yaml",
+    "--config", "configs/logger/csv.yaml",
+    "--model.backbone", "lenet5",
+    "--data.num_samples", "30",
+    "--data.img_size", "32",
+    "--trainer.max_epochs", "1",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]
+
+
 def two_object_image() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """A 64-pixel noise image with a red box of class 0 and a blue box of class 2, and its target."""
     image = torch.rand(3, 64, 64)

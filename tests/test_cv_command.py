@@ -9,22 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, TINY_CLASSIFICATION_FIT, run_cli
 from cvtasks.__main__ import main as cvtasks_main
 from cvtasks.runs import RunFolder
 
-# LeNet-5 at its native 32 px: a fold trains and is evaluated in about the time Python takes to start
-TINY = [
-    "--config", "configs/classification.yaml",
-    "--config", "configs/logger/csv.yaml",
-    "--model.backbone", "lenet5",
-    "--data.num_samples", "30",
-    "--data.img_size", "32",
-    "--data.batch_size", "8",
-    "--trainer.max_epochs", "1",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-]
+TINY = [*TINY_CLASSIFICATION_FIT, "--data.batch_size", "8"]
 
 
 def test_cv_runs_each_fold_and_continues_only_unfinished_ones(workdir: Path) -> None:

@@ -19,22 +19,12 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from conftest import REPO
+from conftest import REPO, TINY_CLASSIFICATION_FIT
 from cvtasks.__main__ import main as cvtasks_main
 from cvtasks.commands import search
 from cvtasks.runs import RunFolder
 
-# LeNet-5 at 32 px on 30 scenes: a trial trains and is evaluated in about the time Python takes to start
-TINY = [
-    "--config", "configs/classification.yaml",
-    "--config", "configs/logger/csv.yaml",
-    "--model.backbone", "lenet5",
-    "--data.num_samples", "30",
-    "--data.img_size", "32",
-    "--trainer.max_epochs", "1",
-    "--trainer.enable_progress_bar", "false",
-    "--trainer.enable_model_summary", "false",
-]
+TINY = TINY_CLASSIFICATION_FIT
 SPACE = """
 model.lr: {type: float, low: 1e-4, high: 1.0e-1, log: true}     # YAML's 1e-4 is a string: read as the number
 data.init_args.batch_size: {type: categorical, choices: [4, 8]}

@@ -45,7 +45,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import clip_boxes_to_image
 
 from ..backbone import IMAGENET_MEAN, IMAGENET_STD
-from ..layers import ConvNormAct
+from ..layers import ConvNormAct, exporting
 from .yolo import select_detections
 
 __all__ = [
@@ -88,10 +88,9 @@ def _running_max_by_doubling(x: Tensor, dim: int) -> Tensor:
 
 def _running_max(x: Tensor, dim: int, backwards: bool) -> Tensor:
     """Maximum of ``x`` along ``dim`` from each position to the end (``backwards``) or from the start."""
-    exporting = torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()  # ONNX has no cummax
     if backwards:
         x = x.flip(dim)
-    x = _running_max_by_doubling(x, dim) if exporting else x.cummax(dim).values
+    x = _running_max_by_doubling(x, dim) if exporting() else x.cummax(dim).values  # ONNX has no cummax
     return x.flip(dim) if backwards else x
 
 

@@ -33,6 +33,7 @@ from torchvision.models.detection.faster_rcnn import FasterRCNN
 from torchvision.models.detection.roi_heads import RoIHeads, fastrcnn_loss
 from torchvision.ops import ps_roi_align, roi_align
 
+from ..layers import exporting
 from .anchors import anchor_generator
 from .neck import FeaturePyramidNeck
 from .rcnn import RCNN_SMALL_IMAGE_DEFAULTS
@@ -60,10 +61,6 @@ def ps_roi_align_by_roi_align(maps: Tensor, boxes: list[Tensor], k: int, spatial
     return torch.diagonal(grid, dim1=2, dim2=3).reshape(grid.shape[0], n, k, k)
 
 
-def _exporting() -> bool:
-    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-
-
 class PositionSensitiveHead(nn.Module):
     """R-FCN's fully convolutional head: score maps for the whole image, then one pooling and one vote per RoI.
 
@@ -86,7 +83,7 @@ class PositionSensitiveHead(nn.Module):
 
     def pool(self, maps: Tensor, proposals: list[Tensor]) -> Tensor:
         """Position-sensitive RoI pooling of ``maps`` (B, k*k*n, H, W): (sum L, n, k, k)."""
-        if _exporting():  # a traced or ONNX model: the same bins from an operator the formats have
+        if exporting():  # a traced or ONNX model: the same bins from an operator the formats have
             return ps_roi_align_by_roi_align(maps, proposals, self.k, 1.0 / self.stride, self.sampling_ratio)
         return ps_roi_align(maps, proposals, self.k, 1.0 / self.stride, self.sampling_ratio)
 
