@@ -21,6 +21,7 @@ CHECKS = [
     ("test_classification_task", "overfit_one_batch", "OVERFIT_LIMITS", "test_training_lowers_the_loss"),
     ("test_segmentation_task", "overfit_scenes", "OVERFIT_LIMITS", "test_short_training_lowers_loss_and_beats_chance"),
     ("test_yolo", "overfit_one_image", "OVERFIT_LIMITS", "test_loss_decreases_when_overfitting_one_image"),
+    ("test_cornernet", "overfit_one_image", "OVERFIT_LIMITS", "test_overfitting_one_image_finds_an_object"),
 ]
 
 
