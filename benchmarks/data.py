@@ -7,7 +7,8 @@
    that draws the scenes and in the next, which takes them from the cache; and what the per-core
    rate feeds across the 15 loader workers of a 16-core GPU host.
 2. Per task: a training step of the default model on batches from its real training loader (the
-   default ``num_workers``, after one full pass over the split that fills the workers' caches) over
+   default ``num_workers: auto``, which training on a CPU resolves to the CPUs beyond torch's threads,
+   usually 0; after one full pass over the split that fills the caches) over
    the same step on one batch drawn beforehand. 1.00 means the data path costs the step nothing.
 3. A folder of JPEGs: our folder pipeline (PIL decode, albumentations resize and flip, normalise)
    over a plain ``torchvision.datasets.ImageFolder`` with ``transforms.v2`` doing the same, per image.
@@ -30,7 +31,7 @@ import yaml
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from cvtasks.data.base import normalise, read_image
+from cvtasks.data.base import normalise, one_opencv_thread, read_image
 from cvtasks.data.shapes import render_scene
 
 from .timing import interleaved
@@ -162,6 +163,7 @@ def folder_ratio(images: int, side: int, size: int, repeats: int) -> tuple[float
     with tempfile.TemporaryDirectory() as tmp:
         root = write_jpeg_folder(Path(tmp), images, side)
         ours, theirs = _OurFolder(root, size), _TorchvisionFolder(root, size)
+        one_opencv_thread()  # as cvtasks' loaders run it
 
         def epoch(ds: Dataset) -> Callable[[], None]:
             return lambda: [None for _ in DataLoader(ds, batch_size=32, shuffle=True, num_workers=0)]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from cvtasks.backbone import create_classifier
-from cvtasks.data.base import resolve_num_workers
+from cvtasks.data.base import one_opencv_thread, resolve_num_workers
 
 from .data import _OurFolder, write_jpeg_folder
 
@@ -76,11 +76,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scaler.step(opt)
         scaler.update()
 
-    workers = resolve_num_workers(ns.workers if ns.workers == "auto" else int(ns.workers))
+    workers = resolve_num_workers(ns.workers if ns.workers == "auto" else int(ns.workers), training_on_cpu=device.type == "cpu")
+    one_opencv_thread()  # as cvtasks' own loaders do
     with tempfile.TemporaryDirectory() as tmp:
         root = write_jpeg_folder(Path(tmp), ns.images, side=max(ns.size * 3 // 2, 64))
         loader = DataLoader(_OurFolder(root, ns.size), batch_size=ns.batch, shuffle=True, num_workers=workers,
-                            pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True)
+                            pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=True,
+                            worker_init_fn=one_opencv_thread if workers > 0 else None)
 
         def forever() -> Iterator[Any]:
             while True:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +19,7 @@ from lightning import Callback, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from .backbone import backbone_normalization
 from .callbacks import RunConfigSaver, StepCheckpoint
@@ -286,6 +288,10 @@ class CvtasksCLI(LightningCLI):
         configured = self.config_init[self.subcommand]["trainer"].get("callbacks")
         configured = [] if configured is None else list(configured) if isinstance(configured, (list, tuple)) else [configured]
         trainer = super().instantiate_trainer(**{"callbacks": [*configured, *callbacks], **kwargs})
+        if getattr(self.datamodule, "num_workers", None) == "auto":
+            # auto chose knowingly (the fit prints why): training on a CPU keeps every core for torch's
+            # threads, which Lightning's advice to add workers (CPUs per device minus one) does not count
+            warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers", category=PossibleUserWarning)
         if self.subcommand == "fit":
             self._size_fit(trainer, cfg)
         return trainer
@@ -312,6 +318,7 @@ class CvtasksCLI(LightningCLI):
             f"data: {len(train)} train / {len(val)} val / {len(test)} test items, {data.num_classes} classes",
             f"img_size {data.img_size} ({self._img_size_note}; IMG= or --data.img_size sets it)",
             f"augmentation {data.augmentation_summary()}",
+            "loader workers {} ({}; --data.num_workers sets it)".format(*data.loader_workers(trainer)),
             f"fit: {epochs} epochs x {epoch_steps} steps = {epochs * epoch_steps} steps (batch {data.batch_size}; "
             f"{sizing}){stopping}",
         ])

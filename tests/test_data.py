@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning import Trainer
 from PIL import Image
 
 from cvtasks.data import ImageFolderDataModule, ShapesDataModule, render_scene, split_indices
@@ -200,6 +201,46 @@ def test_pca_lighting_shifts_every_pixel_by_one_colour_along_imagenets_component
     assert np.allclose(alphas.mean(axis=0), 0, atol=0.03) and np.allclose(alphas.std(axis=0), 0.1, atol=0.015)
 
 
+def test_affine_and_mirrors_warps_once_what_albumentations_affine_and_flips_would_draw():
+    import albumentations as A
+
+    from cvtasks.data.classification import AffineAndMirrors
+
+    image = render_scene(3, 64, single=True).image.copy()
+    image[10, 40] = 255  # no symmetry left: every mirror and turn is seen
+
+    def warp(**params):
+        return AffineAndMirrors().apply(image, **{"move": True, "shift": (0.0, 0.0), "zoom": (1.0, 1.0), "angle": 0.0,
+                                                   "hflip": False, "vflip": False, **params})
+
+    # pixel centres land on pixel centres: exact, with no interpolation blur
+    assert np.array_equal(warp(), image)
+    assert np.array_equal(warp(angle=90), np.rot90(image))  # counter-clockwise as shown
+    assert np.array_equal(warp(hflip=True), image[:, ::-1]) and np.array_equal(warp(vflip=True), image[::-1])
+    assert np.array_equal(warp(angle=90, hflip=True), np.rot90(image)[:, ::-1])  # mirrored after the turn
+    shifted = warp(shift=(6 / 64, -4 / 64))
+    assert np.array_equal(shifted[:-4, 6:], image[4:, :-6]) and not shifted[:, :6].any() and not shifted[-4:].any()
+    assert np.array_equal(AffineAndMirrors().apply(image, move=False, shift=(0, 0), zoom=(1, 1), angle=0, hflip=True,
+                                                   vflip=True), image[::-1, ::-1])
+    # zoom (x, y) about the centre: an 8-pixel-wide stripe becomes 16 wide under 2x in x, and stays 8 under 2x in y
+    stripe = np.zeros((64, 64, 3), np.uint8)
+    stripe[:, 36:44] = 255
+    for zoom, width in (((2.0, 1.0), 16), ((1.0, 2.0), 8)):
+        out = AffineAndMirrors().apply(stripe, move=True, shift=(0, 0), zoom=zoom, angle=0, hflip=False, vflip=False)
+        assert abs(int((out[32, :, 0] >= 128).sum()) - width) <= 1
+
+    # the draws: Affine's ranges with its probability, each mirror with one half
+    pipeline = A.Compose([AffineAndMirrors(affine_p=0.7, mirror_p=0.5)], seed=0)
+    draws = [pipeline.transforms[0].get_params() for _ in range(4000)]
+    assert abs(np.mean([d["move"] for d in draws]) - 0.7) < 0.03
+    assert abs(np.mean([d["hflip"] for d in draws]) - 0.5) < 0.03 and abs(np.mean([d["vflip"] for d in draws]) - 0.5) < 0.03
+    moved = [d for d in draws if d["move"]]
+    assert all(-30 <= d["angle"] <= 30 and all(0.85 <= z <= 1.15 for z in d["zoom"])
+               and all(-0.1 <= t <= 0.1 for t in d["shift"]) for d in moved)
+    assert np.std([d["zoom"][0] - d["zoom"][1] for d in moved]) > 0.05  # x and y scaled apart, as Affine's keep_ratio=False
+    assert all(d["angle"] == 0 and d["zoom"] == (1.0, 1.0) for d in draws if not d["move"])
+
+
 def test_augmentation_is_chosen_by_name(tmp_path):
     dm = ShapesDataModule(num_samples=6, img_size=32, augmentation="alexnet")
     dm.setup("fit")
@@ -211,25 +252,69 @@ def test_augmentation_is_chosen_by_name(tmp_path):
         ImageFolderDataModule(root=str(_folder(tmp_path / "d")), augmentation="flip")
 
 
-def test_num_workers_auto_leaves_one_cpu_per_device_to_training(monkeypatch):
+def test_num_workers_auto_leaves_training_its_cpus(monkeypatch):
     from cvtasks.data import base
 
     monkeypatch.setattr(base, "available_cpus", lambda: 16)
-    assert base.resolve_num_workers("auto") == 15  # one device: every CPU but the training process's
+    # on a GPU a training process needs one CPU: Lightning's suggestion
+    assert base.resolve_num_workers("auto") == 15
     assert base.resolve_num_workers("auto", processes_per_machine=8) == 1
     assert base.resolve_num_workers("auto", processes_per_machine=16) == 0  # no CPU left for a worker
     assert base.resolve_num_workers(3, processes_per_machine=16) == 3  # a number is taken as given
+    # on a CPU the training process computes on torch's threads; workers get only the CPUs beyond them
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 16)
+    assert base.resolve_num_workers("auto", training_on_cpu=True) == 0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 12)
+    assert base.resolve_num_workers("auto", training_on_cpu=True) == 4
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)  # what Lightning leaves each of 2 CPU processes
+    assert base.resolve_num_workers("auto", processes_per_machine=2, training_on_cpu=True) == 0
+    assert base.resolve_num_workers(2, training_on_cpu=True) == 2
+
+    # what a fit on this CPU gets: 2 CPUs that both train, so no worker; one thread leaves a worker its CPU
     monkeypatch.setattr(base, "available_cpus", lambda: 2)
+    trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     dm = ShapesDataModule(num_samples=12, img_size=32, batch_size=4)
     assert dm.num_workers == "auto"
+    dm.trainer = trainer
     dm.setup("fit")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert dm.loader_workers(trainer) == (0, "auto: 2 CPUs, less the 2 threads that train on them")
+    assert dm.train_dataloader().num_workers == 0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     loader = dm.train_dataloader()
     assert loader.num_workers == 1 and loader.persistent_workers and not loader.pin_memory
+    assert loader.worker_init_fn is base.one_opencv_thread
     x, _ = next(iter(loader))
     assert x.shape == (4, 3, 32, 32)
+    assert ShapesDataModule(num_samples=12, num_workers=3).loader_workers(trainer) == (3, "given")
     for bad in (-1, "many", 1.5, True):
         with pytest.raises(ValueError, match=r"num_workers must be 'auto' or a whole number"):
             ShapesDataModule(num_samples=12, num_workers=bad)
+
+
+def test_loaders_run_opencv_on_one_thread_and_keep_lightnings_worker_seeding(monkeypatch):
+    import cv2
+
+    from cvtasks.data import base
+
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        dm = ShapesDataModule(num_samples=12, img_size=32, batch_size=4, num_workers=0)
+        dm.setup("fit")
+        dm.train_dataloader()  # the training process draws the batches: its OpenCV computes on one thread
+        assert cv2.getNumThreads() == 1
+        # as a spawned worker's worker_init_fn: one thread, and Lightning's seeding where seed_everything(workers=True) asked
+        cv2.setNumThreads(2)
+        torch.manual_seed(7)
+        monkeypatch.delenv("PL_SEED_WORKERS", raising=False)
+        base.one_opencv_thread(0)
+        assert cv2.getNumThreads() == 1 and torch.initial_seed() == 7
+        monkeypatch.setenv("PL_SEED_WORKERS", "1")
+        base.one_opencv_thread(0)
+        assert torch.initial_seed() != 7
+    finally:
+        cv2.setNumThreads(before)
 
 
 def _three_shapes_datasets():

@@ -72,6 +72,33 @@ def test_warm_up_is_at_most_a_third_of_a_step_sized_run():
     assert 90 <= peak <= 100 and lrs[-1] < 0.01  # warm-up over the first third, then the cosine's decay
 
 
+def test_auto_workers_on_a_cpu_are_printed_and_lightnings_advice_against_them_is_silenced(tmp_path, monkeypatch, capsys):
+    import warnings
+
+    from lightning.pytorch.trainer.connectors import data_connector
+
+    from conftest import TINY_CLASSIFICATION_FIT
+    from cvtasks.data import base
+
+    # a CPU host with 8 CPUs, all taken by torch's threads: auto keeps no worker, where Lightning would advise 7
+    monkeypatch.setattr(base, "available_cpus", lambda: 8)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    monkeypatch.setattr(data_connector, "suggested_max_num_workers", lambda devices: 7)
+    tiny = [str(REPO / a) if a.startswith("configs/") else a for a in TINY_CLASSIFICATION_FIT]
+
+    def fit(workers: str) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            CvtasksCLI(["fit", *tiny, "--data.num_workers", workers, "--runs_dir", str(tmp_path / "runs"), "--run_name", workers])
+        return [str(w.message) for w in caught if "does not have many workers" in str(w.message)]
+
+    assert fit("0")  # a number given: Lightning's advice stands
+    assert "cvtasks: loader workers 0 (given; --data.num_workers sets it)" in capsys.readouterr().out
+    assert not fit("auto")
+    assert "cvtasks: loader workers 0 (auto: 8 CPUs, less the 8 threads that train on them; --data.num_workers sets it)" \
+        in capsys.readouterr().out
+
+
 def test_folder_fit_prints_its_settings_sizes_by_steps_and_stops_early(tmp_path: Path, capsys):
     root = _class_folder(tmp_path / "folder", [(20, 30)] * 8)
     CvtasksCLI(["fit", "--config", str(REPO / "configs/classification.yaml"),
@@ -85,6 +112,7 @@ def test_folder_fit_prints_its_settings_sizes_by_steps_and_stops_early(tmp_path:
     assert "cvtasks: data: 8 train / 4 val / 4 test items, 2 classes" in out
     assert "cvtasks: img_size 32 (auto: median longer side 30 px over 16 images" in out  # 30 -> the stride's 32
     assert "cvtasks: augmentation safe: " in out and "no flip" in out
+    assert "cvtasks: loader workers 0 (given; --data.num_workers sets it)" in out
     assert ("cvtasks: fit: 30 epochs x 2 steps = 60 steps (batch 4; train_steps 60, at most 100 epochs); "
             "stops when val/acc has not improved for 1 epoch") in out
     run = tmp_path / "runs" / "mine"

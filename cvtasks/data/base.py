@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Generic, Iterator, Literal, Sequence, TypeVar
 
+import cv2
 import numpy as np
 import torch
 from lightning import LightningDataModule
+from lightning.fabric.utilities.seed import pl_worker_init_function
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
@@ -63,12 +66,22 @@ def read_image(path: str | Path) -> np.ndarray:
         raise ValueError(f"cannot read image {str(path)!r} ({exc}); remove or replace the file") from exc
 
 
+@functools.lru_cache(maxsize=16)
+def _normalising(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel scale and shift that take uint8 pixels to ``(x / 255 - mean) / std`` in one multiply-add."""
+    m, s = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+    return (1.0 / (255.0 * s)).float().view(-1, 1, 1), (-m / s).float().view(-1, 1, 1)
+
+
 def normalise(image: np.ndarray, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
-    """uint8 HxWx3 -> float CxHxW normalised by mean/std."""
-    x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255)
-    m = torch.tensor(mean).view(-1, 1, 1)
-    s = torch.tensor(std).view(-1, 1, 1)
-    return (x - m) / s
+    """uint8 HxWx3 -> float CxHxW normalised by mean/std.
+
+    Called once per item by every loader: the constants are made once per (mean, std), and the
+    arithmetic is one fused multiply-add (equal to ``(x / 255 - mean) / std`` within float rounding).
+    """
+    scale, shift = _normalising(tuple(map(float, mean)), tuple(map(float, std)))
+    x = torch.from_numpy(np.asarray(image, dtype=np.uint8).astype(np.float32, order="C")).permute(2, 0, 1)
+    return torch.addcmul(shift, x, scale)
 
 
 def check_img_size(img_size: Any) -> int | str:
@@ -181,15 +194,35 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def resolve_num_workers(num_workers: int | str, processes_per_machine: int = 1) -> int:
-    """Loader worker processes: a number as given, or ``auto``: the CPUs per device minus one, 0 where none is left.
+def resolve_num_workers(num_workers: int | str, processes_per_machine: int = 1, training_on_cpu: bool = False) -> int:
+    """Loader worker processes: a number as given, or ``auto``: the CPUs that training leaves free.
 
-    ``auto`` is Lightning's suggestion (``suggested_max_num_workers``), except that it keeps no worker
-    where a device has one CPU: the training process then draws the batches itself.
+    On a GPU a training process needs one CPU of its own, so ``auto`` is the CPUs per device minus
+    one (Lightning's suggestion, ``suggested_max_num_workers``; 0 where a device has one CPU). On a
+    CPU the training process also computes the model, on torch's intra-op threads (one per core by
+    default); a worker beside them takes a core from them in the middle of a step, which costs the
+    step more than the batch costs to draw in the training process (docs/benchmarks.md, "The data
+    path"). There ``auto`` is the CPUs beyond those threads: usually none.
     """
     if num_workers == "auto":
-        return max(0, available_cpus() // max(1, processes_per_machine) - 1)
+        busy = torch.get_num_threads() if training_on_cpu else 1
+        return max(0, available_cpus() // max(1, processes_per_machine) - busy)
     return int(num_workers)
+
+
+def one_opencv_thread(worker_id: int | None = None) -> None:
+    """Run OpenCV (under albumentations) on one thread in this process; as a loader's ``worker_init_fn``, in a worker.
+
+    A loader draws one image at a time, in the training process or in a worker that has one core.
+    OpenCV's own thread pool would only contend there: with torch's intra-op threads in the training
+    process (the classification default's step took 12% longer with OpenCV's pool than with one thread,
+    ``python -m benchmarks data``), with the other workers in a worker. As a worker_init_fn it also
+    seeds the worker as Lightning does when ``seed_everything(workers=True)`` asked it to (Lightning
+    adds its own seeding only to a loader that has no worker_init_fn).
+    """
+    cv2.setNumThreads(1)
+    if worker_id is not None and int(os.environ.get("PL_SEED_WORKERS", 0)):
+        pl_worker_init_function(worker_id)
 
 
 def check_num_workers(num_workers: int | str) -> int | str:
@@ -338,7 +371,8 @@ class SplitDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool, collate: Callable | None = None, evaluation: bool = False) -> DataLoader:
         sampler = self._evaluation_sampler(dataset) if evaluation else None
         trainer = getattr(self, "trainer", None)
-        workers = resolve_num_workers(self.num_workers, trainer.num_devices if trainer is not None else 1)
+        workers, _ = self.loader_workers(trainer)
+        one_opencv_thread()  # the training process, and the workers it forks (spawned ones: worker_init_fn)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -346,12 +380,27 @@ class SplitDataModule(LightningDataModule):
             sampler=sampler,
             num_workers=workers,
             collate_fn=collate or self.collate_fn,
+            worker_init_fn=one_opencv_thread if workers > 0 else None,
             # workers live as long as the loader: drawn scenes cached in them are reused by later epochs
             persistent_workers=workers > 0,
             # page-locked batches copy to a GPU asynchronously; on a CPU they would only cost memory
             pin_memory=trainer is not None and trainer.strategy.root_device.type == "cuda",
             drop_last=False,
         )
+
+    def loader_workers(self, trainer: Any = None) -> tuple[int, str]:
+        """The loaders' worker processes under ``trainer`` (None: one process, on a GPU if one is there), and why, in words."""
+        if trainer is not None:
+            processes, on_cpu = trainer.num_devices, trainer.strategy.root_device.type == "cpu"
+        else:
+            processes, on_cpu = 1, not torch.cuda.is_available()
+        workers = resolve_num_workers(self.num_workers, processes, on_cpu)
+        if self.num_workers != "auto":
+            return workers, "given"
+        per_process = f"{available_cpus()} CPUs" + (f" / {processes} processes" if processes > 1 else "")
+        if on_cpu:
+            return workers, f"auto: {per_process}, less the {torch.get_num_threads()} threads that train on them"
+        return workers, f"auto: {per_process}, less one for the training process"
 
     def _evaluation_sampler(self, dataset: Dataset) -> Sampler | None:
         """Under N processes, each item on exactly one rank (ranks may differ by one); None on one process.
