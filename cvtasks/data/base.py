@@ -215,8 +215,9 @@ def one_opencv_thread(worker_id: int | None = None) -> None:
 
     A loader draws one image at a time, in the training process or in a worker that has one core.
     OpenCV's own thread pool would only contend there: with torch's intra-op threads in the training
-    process (the classification default's step took 12% longer with OpenCV's pool than with one thread,
-    ``python -m benchmarks data``), with the other workers in a worker. As a worker_init_fn it also
+    process (on 2 cores the classification default's step with its loader took 1.116 times a fixed
+    batch's with OpenCV's pool, 1.042 times with one thread; docs/benchmarks.md), with the other
+    workers in a worker. As a worker_init_fn it also
     seeds the worker as Lightning does when ``seed_everything(workers=True)`` asked it to (Lightning
     adds its own seeding only to a loader that has no worker_init_fn).
     """
