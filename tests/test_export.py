@@ -48,7 +48,11 @@ RUNS: dict[str, tuple[str, dict[str, Any], str, dict[str, Any]]] = {
     # an untrained YOLO scores about 1e-4 everywhere: a low threshold leaves it detections to compare
     "yolo": ("cvtasks.tasks.detection.DetectionTask", {**DETECTION, "detector": "yolo", "detector_kwargs": {"score_thresh": 1e-5}},
              *SHAPES_DETECTION),
-    "rfcn": ("cvtasks.tasks.detection.DetectionTask", {**DETECTION, "detector": "rfcn"}, *SHAPES_DETECTION),
+    # an untrained R-FCN scores its boxes within 1e-8 of each other too: which of them NMS and the cap of 100 keep
+    # was float noise (a fresh clone failed so once); without NMS and with room for every box, all are compared
+    "rfcn": ("cvtasks.tasks.detection.DetectionTask",
+             {**DETECTION, "detector": "rfcn", "detector_kwargs": {"box_nms_thresh": 1.0, "box_detections_per_img": 1500}},
+             *SHAPES_DETECTION),
     "spp": ("cvtasks.tasks.detection.DetectionTask", {**DETECTION, "detector": "faster_rcnn", "roi": "spp"}, *SHAPES_DETECTION),
     # an untrained CornerNet's corner pairs score within 1e-7 of each other, and float noise decides which of two
     # such boxes NMS keeps (a fresh clone failed so once); without NMS the check compares every pair
@@ -325,9 +329,11 @@ def test_dynamo_exporter_on_a_detector_fails_with_its_reason(runs: Path, capsys:
 
 def test_an_export_of_an_older_checkpoint_is_flagged(runs: Path) -> None:
     run = _run(runs, "classification")
-    if not (run.export_dir / "model.json").is_file():
-        assert _export(runs, "classification", "--limit", "2") == 0
     path = run.export_dir / "model.json"
+    # the module's other tests may have run before this one (xdist need not keep their order), or not; and an
+    # export to another format writes the same model.json
+    if not path.is_file() or "onnx" not in json.loads(path.read_text())["formats"]:
+        assert _export(runs, "classification", "--limit", "2") == 0
     kept = path.read_text()
     sidecar = json.loads(kept)
     sidecar["formats"]["onnx"]["checkpoint_sha256"] = "0" * 64  # as if best.ckpt had moved on since
