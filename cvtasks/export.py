@@ -934,7 +934,8 @@ def validation_loader(datamodule: Any, limit: int | None = None) -> tuple[DataLo
     indices = list(getattr(datamodule, "val_indices", []) or []) or None
     if limit is not None and limit < len(loader.dataset):
         loader = DataLoader(Subset(loader.dataset, range(limit)), batch_size=loader.batch_size,
-                            collate_fn=loader.collate_fn, num_workers=loader.num_workers)
+                            collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                            worker_init_fn=loader.worker_init_fn)
         indices = indices[:limit] if indices else None
     if len(loader.dataset) == 0:
         raise ValueError("the run's validation split is empty; nothing to check the export on (give --data.split a val share)")
