@@ -297,7 +297,11 @@ def test_loaders_run_opencv_on_one_thread_and_keep_lightnings_worker_seeding(mon
 
     from cvtasks.data import base
 
+    import random
+
     before = cv2.getNumThreads()
+    # Lightning's worker seeding reseeds this process's torch, numpy and random: put them back afterwards
+    states = torch.get_rng_state(), np.random.get_state(), random.getstate()
     try:
         cv2.setNumThreads(2)
         dm = ShapesDataModule(num_samples=12, img_size=32, batch_size=4, num_workers=0)
@@ -315,6 +319,9 @@ def test_loaders_run_opencv_on_one_thread_and_keep_lightnings_worker_seeding(mon
         assert torch.initial_seed() != 7
     finally:
         cv2.setNumThreads(before)
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
 
 
 def _three_shapes_datasets():
